@@ -1,0 +1,146 @@
+"""The `plait` command line: train, sample, plot, prepare, export, plan.
+
+Any PlaitError (bad config, data or checkpoint) ends the command with exit status 2 and
+one line on stderr naming the problem; nothing is printed twice by the ranks of a job.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+from pathlib import Path
+
+from plait.errors import PlaitError
+
+USAGE_ERROR = 2
+
+
+def _train_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a model (locally on N processes, or as one rank under torchrun)")
+    p.add_argument("config", nargs="?", default="tiny", help="a preset name (default: tiny) or a TOML file")
+    p.add_argument("--nproc", type=int, default=None,
+                   help="local worker processes (default: GPUs if any, else 2); ignored under torchrun")
+    p.add_argument("--run-dir", default=None, help="where the run writes (default: runs/<config name>)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set train.steps=100 (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="plait", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    _train_parser(sub)
+    p = sub.add_parser("sample", help="generate text from a run's latest checkpoint")
+    p.add_argument("run_dir")
+    p.add_argument("--prompt", default="\n")
+    p.add_argument("--tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("plot", help="draw loss against step for one or more runs")
+    p.add_argument("run_dirs", nargs="+")
+    p.add_argument("-o", "--output", default=None, help="PNG file (default: loss.png in the first run dir)")
+    p = sub.add_parser("export", help="write the model with Hugging Face Llama parameter names")
+    p.add_argument("run_dir")
+    p.add_argument("-o", "--output", required=True, help="a .safetensors file")
+    sub.add_parser("prepare", help="tokenise a corpus once into a .bin token file", add_help=False)
+    sub.add_parser("plan", help="predict memory, step time and MFU of parallel layouts", add_help=False)
+    return parser
+
+
+def default_nproc() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 2
+
+
+def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
+    from plait import config as config_mod
+
+    cfg = config_mod.load_config(args.config, args.overrides)
+    run_dir = Path(args.run_dir or Path("runs") / cfg.name)
+    under_launcher = "WORLD_SIZE" in os.environ
+    nproc = 1 if under_launcher else (args.nproc if args.nproc is not None else default_nproc())
+    if nproc < 1:
+        raise PlaitError(f"--nproc {nproc} must be at least 1")
+    if under_launcher or nproc == 1:
+        from plait.train.trainer import train
+
+        train(cfg, run_dir)
+        return 0
+    # Check everything that can be checked before any worker starts, and build the data
+    # caches once here so the workers only read them.
+    import copy
+
+    from plait.data import check_corpus, load_data
+
+    config_mod.validate(copy.deepcopy(cfg), world_size=nproc)
+    check_corpus(cfg.data)
+    load_data(cfg.data, cfg.model.vocab_size, cfg.model.seq_len)
+    from plait.launch import launch_local
+
+    return launch_local(nproc, argv)
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from plait.train.sample import generate
+    from plait.train.trained import load_trained
+
+    trained = load_trained(Path(args.run_dir))
+    text = generate(trained.model, trained.tokenizer, args.prompt, args.tokens, trained.cfg.model.seq_len,
+                    seed=args.seed, temperature=args.temperature)
+    print(text)
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from plait.plot import plot_runs
+
+    output = Path(args.output) if args.output else Path(args.run_dirs[0]) / "loss.png"
+    plot_runs([Path(d) for d in args.run_dirs], output)
+    print(f"wrote {output}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from plait.export import export_hf
+
+    written = export_hf(Path(args.run_dir), Path(args.output))
+    print("wrote " + ", ".join(str(p) for p in written))
+    return 0
+
+
+def _is_main_rank() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv and argv[0] == "prepare":
+            from plait.data.prepare import main as prepare_main
+
+            sys.exit(prepare_main(argv[1:]))
+        if argv and argv[0] == "plan":
+            from plait.plan.cli import main as plan_main
+
+            sys.exit(plan_main(argv[1:]))
+        args = build_parser().parse_args(argv)
+        handlers = {
+            "train": lambda: cmd_train(args, argv),
+            "sample": lambda: cmd_sample(args),
+            "plot": lambda: cmd_plot(args),
+            "export": lambda: cmd_export(args),
+        }
+        sys.exit(handlers[args.command]())
+    except PlaitError as exc:
+        if _is_main_rank():  # every rank raises the same collective error; say it once
+            print(f"plait: error: {exc}", file=sys.stderr, flush=True)
+        sys.exit(USAGE_ERROR)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except Exception:
+        rank = os.environ.get("RANK")
+        prefix = f"[rank {rank}] " if rank is not None else ""
+        sys.stderr.write("".join(prefix + line + "\n" for line in traceback.format_exc().splitlines()))
+        sys.exit(1)

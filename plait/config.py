@@ -1,0 +1,325 @@
+"""Typed run configuration: defaults, presets, TOML files and `--set` overrides.
+
+A config is a tree of dataclasses. Every value that reaches it (from a preset, a TOML
+file or `--set section.key=value`) is coerced to the field's declared type, and anything
+unknown, mistyped or impossible raises ConfigError naming the field. `validate` checks
+the combinations that depend on the world size (parallel degrees, batch divisibility).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import tomli_w
+
+from plait.errors import ConfigError
+
+
+@dataclass
+class ModelConfig:
+    dim: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    ffn_dim: int = 384
+    vocab_size: int = 256
+    seq_len: int = 128
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+
+
+@dataclass
+class ParallelConfig:
+    dp: int = 0  # 0: the world size divided by tp x cp x pp
+    tp: int = 1
+    pp: int = 1
+    cp: int = 1
+    ep: int = 1
+    zero: int = 0
+    bucket_mb: float = 25.0  # gradient all-reduce bucket size
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    timeout_s: float = 600.0  # collective timeout
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 500
+    global_batch: int = 32  # sequences per optimizer step, summed over all ranks
+    micro_batch: int = 0  # sequences per forward pass per rank; 0: global_batch / dp
+    seed: int = 1234
+    dtype: Literal["fp32", "bf16"] = "fp32"
+    eval_every: int = 100  # 0: evaluate only at the end
+    eval_batches: int = 8  # global batches of the validation split per evaluation
+    compile: bool = False
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    sample_tokens: int = 200  # length of the sample printed at the end; 0: none
+    threads: int = 0  # torch intra-op threads per process; 0: cores / local processes
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["adamw"] = "adamw"
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # global-norm clipping; 0: off
+
+
+@dataclass
+class DataConfig:
+    # "shakespeare" | "python" | a text file | a folder of text files | a .bin from `plait prepare`
+    corpus: str = "shakespeare"
+    tokenizer: Literal["byte", "bpe"] = "byte"
+    val_fraction: float = 0.05
+    cache_dir: str = ""  # "": $PLAIT_CACHE or ~/.cache/plait
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 0  # steps between checkpoints; 0: only at the end
+    keep: int = 3  # newest checkpoints kept on disk
+    resume: str = "auto"  # "auto" | "never" | a checkpoint directory
+
+
+@dataclass
+class LogConfig:
+    every: int = 10  # steps between console lines (metrics.jsonl gets every step)
+    tensorboard: bool = True
+    progress: Literal["auto", "rich", "plain", "none"] = "auto"
+
+
+@dataclass
+class Config:
+    name: str = "custom"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(Config) if f.name != "name"}
+
+
+def preset_names() -> list[str]:
+    files = resources.files("plait.configs").iterdir()
+    return sorted(p.name[: -len(".toml")] for p in files if p.name.endswith(".toml"))
+
+
+def load_config(source: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Build a Config from a preset name or TOML path (default `tiny`) plus `KEY=VALUE` overrides."""
+    source = source or "tiny"
+    path = Path(source)
+    if source.endswith(".toml") or path.is_file():
+        if not path.is_file():
+            raise ConfigError(f"config file '{source}' does not exist")
+        try:
+            raw = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file '{source}' is not valid TOML: {exc}") from None
+        raw.setdefault("name", path.stem)
+    elif source in preset_names():
+        raw = tomllib.loads(resources.files("plait.configs").joinpath(f"{source}.toml").read_text())
+        raw.setdefault("name", source)
+    else:
+        raise ConfigError(
+            f"'{source}' is neither a TOML file nor a preset (presets: {', '.join(preset_names())})"
+        )
+    cfg = config_from_dict(raw)
+    for item in overrides:
+        apply_override(cfg, item)
+    return cfg
+
+
+def config_from_dict(raw: dict[str, Any]) -> Config:
+    cfg = Config()
+    for key, value in raw.items():
+        if key == "name":
+            cfg.name = _coerce("name", value, str)
+        elif key in SECTIONS:
+            if not isinstance(value, dict):
+                raise ConfigError(f"[{key}] must be a table of settings, got {value!r}")
+            for sub, subvalue in value.items():
+                set_field(cfg, f"{key}.{sub}", subvalue)
+        else:
+            raise ConfigError(_unknown(key, ["name", *SECTIONS]))
+    return cfg
+
+
+def apply_override(cfg: Config, item: str) -> None:
+    """Apply one `section.key=value` override; the value is read as a TOML literal when it is one."""
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"--set '{item}' must look like section.key=value")
+    set_field(cfg, key, _parse_literal(text.strip()))
+
+
+def set_field(cfg: Config, dotted: str, value: Any) -> None:
+    section_name, _, key = dotted.partition(".")
+    if section_name not in SECTIONS or not key:
+        if dotted == "name":
+            cfg.name = _coerce("name", value, str)
+            return
+        raise ConfigError(_unknown(dotted, [f"{s}.*" for s in SECTIONS]))
+    section = getattr(cfg, section_name)
+    hints = typing.get_type_hints(type(section))
+    if key not in hints:
+        raise ConfigError(_unknown(dotted, [f"{section_name}.{k}" for k in hints]))
+    setattr(section, key, _coerce(dotted, value, hints[key]))
+
+
+def _parse_literal(text: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text  # a bare word such as bf16 or a path
+
+
+def _coerce(name: str, value: Any, annotation: Any) -> Any:
+    origin = typing.get_origin(annotation)
+    if origin is Literal:
+        choices = typing.get_args(annotation)
+        if value not in choices:
+            raise ConfigError(f"{name}={value!r} is not one of {', '.join(map(str, choices))}")
+        return value
+    if origin is tuple:
+        item_types = typing.get_args(annotation)
+        if isinstance(value, str):
+            value = _parse_literal(f"[{value.strip('()[]')}]")
+        if not isinstance(value, (list, tuple)) or len(value) != len(item_types):
+            raise ConfigError(f"{name}={value!r} must be a list of {len(item_types)} numbers")
+        return tuple(_coerce(name, v, t) for v, t in zip(value, item_types))
+    if origin in (typing.Union, types.UnionType):
+        raise TypeError(f"config field {name} uses an unsupported union type")
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise ConfigError(f"{name}={value!r} must be true or false")
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{name}={value!r} must be an integer")
+        return value
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{name}={value!r} must be a number")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{name}={value!r} must be a string")
+        return str(value)
+    raise TypeError(f"config field {name} has an unsupported type {annotation!r}")
+
+
+def _unknown(key: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return f"unknown config key '{key}'{hint}"
+
+
+def validate(cfg: Config, world_size: int) -> Config:
+    """Check every cross-field constraint for a job of `world_size` processes; resolve derived values.
+
+    Returns the same Config with `parallel.dp` and `train.micro_batch` filled in.
+    """
+    m, p, t, o = cfg.model, cfg.parallel, cfg.train, cfg.optim
+    positive = {
+        "model.dim": m.dim, "model.n_layers": m.n_layers, "model.n_heads": m.n_heads,
+        "model.n_kv_heads": m.n_kv_heads, "model.ffn_dim": m.ffn_dim,
+        "model.vocab_size": m.vocab_size, "model.seq_len": m.seq_len,
+        "parallel.tp": p.tp, "parallel.pp": p.pp, "parallel.cp": p.cp, "parallel.ep": p.ep,
+        "train.steps": t.steps, "train.global_batch": t.global_batch,
+        "train.eval_batches": t.eval_batches, "checkpoint.keep": cfg.checkpoint.keep,
+        "log.every": cfg.log.every,
+    }
+    for name, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{name}={value} must be at least 1")
+    non_negative = {
+        "parallel.dp": p.dp, "parallel.zero": p.zero, "train.micro_batch": t.micro_batch,
+        "train.eval_every": t.eval_every, "train.sample_tokens": t.sample_tokens,
+        "train.threads": t.threads, "optim.warmup_steps": o.warmup_steps,
+        "optim.weight_decay": o.weight_decay, "optim.grad_clip": o.grad_clip,
+        "checkpoint.every": cfg.checkpoint.every, "optim.min_lr": o.min_lr,
+    }
+    for name, value in non_negative.items():
+        if value < 0:
+            raise ConfigError(f"{name}={value} must not be negative")
+    if m.dim % m.n_heads:
+        raise ConfigError(f"model.dim={m.dim} is not divisible by model.n_heads={m.n_heads}")
+    if (m.dim // m.n_heads) % 2:
+        raise ConfigError(f"model.dim / model.n_heads = {m.dim // m.n_heads} must be even for rotary embeddings")
+    if m.n_heads % m.n_kv_heads:
+        raise ConfigError(f"model.n_heads={m.n_heads} is not divisible by model.n_kv_heads={m.n_kv_heads}")
+    if m.rope_theta <= 0 or m.norm_eps <= 0:
+        raise ConfigError("model.rope_theta and model.norm_eps must be positive")
+    if o.lr <= 0:
+        raise ConfigError(f"optim.lr={o.lr} must be positive")
+    if o.min_lr > o.lr:
+        raise ConfigError(f"optim.min_lr={o.min_lr} is larger than optim.lr={o.lr}")
+    if not all(0 <= b < 1 for b in o.betas):
+        raise ConfigError(f"optim.betas={list(o.betas)} must lie in [0, 1)")
+    if not 0 < cfg.data.val_fraction < 1:
+        raise ConfigError(f"data.val_fraction={cfg.data.val_fraction} must lie strictly between 0 and 1")
+    if p.bucket_mb <= 0 or p.timeout_s <= 0:
+        raise ConfigError("parallel.bucket_mb and parallel.timeout_s must be positive")
+    if cfg.checkpoint.resume not in ("auto", "never") and not cfg.checkpoint.resume:
+        raise ConfigError("checkpoint.resume must be auto, never, or a checkpoint directory")
+
+    for name, degree in (("tp", p.tp), ("pp", p.pp), ("cp", p.cp), ("ep", p.ep)):
+        if degree != 1:
+            raise ConfigError(f"parallel.{name}={degree} is not yet supported (only data parallelism is)")
+    if p.zero not in (0, 1, 2, 3):
+        raise ConfigError(f"parallel.zero={p.zero} must be 0, 1, 2 or 3")
+    if p.zero != 0:
+        raise ConfigError(f"parallel.zero={p.zero} is not yet supported (only zero=0)")
+
+    others = p.tp * p.cp * p.pp
+    if p.dp == 0:
+        if world_size % others:
+            raise ConfigError(f"world size {world_size} is not divisible by tp x cp x pp = {others}")
+        p.dp = world_size // others
+    if p.dp * others != world_size:
+        raise ConfigError(
+            f"parallel.dp={p.dp} x tp={p.tp} x cp={p.cp} x pp={p.pp} = {p.dp * others} != world size {world_size}"
+        )
+    if t.micro_batch == 0:
+        if t.global_batch % p.dp:
+            raise ConfigError(f"train.global_batch={t.global_batch} is not divisible by dp={p.dp}")
+        t.micro_batch = t.global_batch // p.dp
+    if t.global_batch % (t.micro_batch * p.dp):
+        raise ConfigError(
+            f"train.global_batch={t.global_batch} is not divisible by "
+            f"train.micro_batch={t.micro_batch} x dp={p.dp}"
+        )
+    return cfg
+
+
+def accumulation_steps(cfg: Config) -> int:
+    return cfg.train.global_batch // (cfg.train.micro_batch * cfg.parallel.dp)
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    out = dataclasses.asdict(cfg)
+    out["optim"]["betas"] = list(cfg.optim.betas)
+    return out
+
+
+def to_toml(cfg: Config) -> str:
+    return tomli_w.dumps(to_dict(cfg))

@@ -1,0 +1,186 @@
+"""From a `data.corpus` spec to memory-mapped train/validation token arrays.
+
+Caches, all keyed by the corpus's content hash and written atomically:
+  text-<fingerprint>.json                      content hash of the decoded text, so a warm
+                                               start needs only a stat of each source file
+  <name>-<hash>-bpe<V>-f<F>.tokenizer.json     the trained BPE (byte needs none)
+  <name>-<hash>-<byte|bpeV>-f<F>.bin(.json)    the token file, same format as `plait prepare`
+They live in `<path>.plait-cache/` beside a user's file or folder when that is writable,
+otherwise (and for the built-in corpora) in data.cache_dir, $PLAIT_CACHE or ~/.cache/plait.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from plait.config import DataConfig
+from plait.data.corpus import (
+    SHAKESPEARE_BYTES,
+    SHAKESPEARE_SHA256,
+    Corpus,
+    check_nonempty,
+    fingerprint,
+    read_text,
+    resolve_corpus,
+)
+from plait.data.tokenfile import atomic_write_text, read_token_file, sidecar_path, write_token_file
+from plait.data.tokenizer import (
+    ByteTokenizer,
+    Tokenizer,
+    dtype_for_vocab,
+    encode_array,
+    text_chunks,
+    tokenizer_from_json,
+    train_bpe,
+)
+from plait.errors import DataError
+
+
+@dataclass
+class PreparedData:
+    train: np.ndarray
+    val: np.ndarray
+    tokenizer: Tokenizer
+    description: str
+
+
+def check_corpus(data_cfg: DataConfig) -> None:
+    """Cheap pre-launch check: the corpus exists and holds something."""
+    check_nonempty(resolve_corpus(data_cfg.corpus))
+
+
+def check_vocab(tokenizer: str, vocab_size: int, field: str = "model.vocab_size") -> None:
+    if tokenizer == "byte" and vocab_size < 256:
+        raise DataError(f"{field}={vocab_size} is smaller than the byte tokenizer's 256 tokens")
+    if tokenizer == "bpe" and vocab_size < 257:
+        raise DataError(
+            f"{field}={vocab_size} is too small for data.tokenizer=bpe, which needs at least 257 "
+            "(the 256 byte tokens plus merges)"
+        )
+    if tokenizer not in ("byte", "bpe"):
+        raise DataError(f"data.tokenizer={tokenizer!r} is not one of byte, bpe")
+
+
+def cache_root(data_cfg: DataConfig) -> Path:
+    return Path(data_cfg.cache_dir or os.environ.get("PLAIT_CACHE") or "~/.cache/plait").expanduser()
+
+
+def corpus_cache_dir(corpus: Corpus, root: Path) -> Path:
+    """`<path>.plait-cache/` beside a user's corpus when we may write there, else `root`."""
+    if corpus.kind in ("file", "folder") and corpus.path is not None:
+        beside = corpus.path.with_name(corpus.path.name + ".plait-cache")
+        try:
+            beside.mkdir(exist_ok=True)
+            if os.access(beside, os.W_OK):
+                return beside
+        except OSError:
+            pass
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def content_hash(corpus: Corpus, cache: Path) -> tuple[str, int, str | None]:
+    """(sha256 of the UTF-8 text, its length in bytes, the text if it had to be read)."""
+    if corpus.kind == "shakespeare":
+        return SHAKESPEARE_SHA256, SHAKESPEARE_BYTES, None
+    record = cache / f"text-{fingerprint(corpus)[:24]}.json"
+    try:
+        known = json.loads(record.read_text())
+        return known["sha256"], int(known["bytes"]), None
+    except (OSError, ValueError, KeyError):
+        pass
+    text = read_text(corpus)
+    raw = text.encode("utf-8")
+    sha = hashlib.sha256(raw).hexdigest()
+    atomic_write_text(record, json.dumps({"sha256": sha, "bytes": len(raw), "corpus": corpus.spec}))
+    return sha, len(raw), text
+
+
+def cache_stem(corpus: Corpus, sha: str, tokenizer: str, vocab_size: int, val_fraction: float) -> str:
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", corpus.path.name if corpus.path and corpus.kind != "python" else corpus.spec)
+    tok = "byte" if tokenizer == "byte" else f"bpe{vocab_size}"
+    return f"{name[:40]}-{sha[:16]}-{tok}-f{val_fraction!r}"
+
+
+def get_tokenizer(name: str, vocab_size: int, text: str, val_fraction: float, path: Path) -> Tokenizer:
+    """The byte tokenizer, or the BPE cached at `path` (trained on the training split if absent)."""
+    if name == "byte":
+        return ByteTokenizer()
+    if path.is_file():
+        return tokenizer_from_json(path.read_text())
+    # Train on the text before the validation split so validation loss stays honest. The cut
+    # is by characters; the token split is made later by count, so they differ by a few tokens.
+    train_text = text[: len(text) - int(len(text) * val_fraction)]
+    tokenizer = train_bpe(text_chunks(train_text), vocab_size)
+    atomic_write_text(path, tokenizer.to_json())
+    return tokenizer
+
+
+def tokenize(tokenizer: Tokenizer, text: str, val_fraction: float) -> tuple[np.ndarray, int]:
+    """(all token ids, index where the validation split begins: the last val_fraction of them)."""
+    ids = encode_array(tokenizer, text, dtype_for_vocab(tokenizer.vocab_size))
+    return ids, len(ids) - int(len(ids) * val_fraction)
+
+
+def _prepare(data_cfg: DataConfig, vocab_size: int) -> Corpus:
+    """Build any missing cache; return the token file to read as a `bin` Corpus."""
+    corpus = resolve_corpus(data_cfg.corpus)
+    check_nonempty(corpus)
+    if corpus.kind == "bin":
+        return corpus
+    check_vocab(data_cfg.tokenizer, vocab_size)
+    cache = corpus_cache_dir(corpus, cache_root(data_cfg))
+    sha, n_bytes, text = content_hash(corpus, cache)
+    stem = cache_stem(corpus, sha, data_cfg.tokenizer, vocab_size, data_cfg.val_fraction)
+    out = cache / f"{stem}.bin"
+    if not sidecar_path(out).is_file():  # the sidecar is written last: present means complete
+        text = read_text(corpus) if text is None else text
+        tokenizer = get_tokenizer(data_cfg.tokenizer, vocab_size, text, data_cfg.val_fraction,
+                                  cache / f"{stem}.tokenizer.json")
+        ids, val_start = tokenize(tokenizer, text, data_cfg.val_fraction)
+        source = {"corpus": corpus.spec, "kind": corpus.kind, "sha256": sha, "bytes": n_bytes}
+        write_token_file(out, ids, val_start, tokenizer, source)
+    return Corpus(corpus.spec, "bin", out, corpus.field)
+
+
+def ensure_prepared(data_cfg: DataConfig, vocab_size: int) -> None:
+    """Build every cache for this corpus, tokenizer and vocab; a no-op when they exist."""
+    _prepare(data_cfg, vocab_size)
+
+
+def load_data(data_cfg: DataConfig, vocab_size: int, seq_len: int) -> PreparedData:
+    """Memory-map the train and validation tokens, preparing them first if needed."""
+    token_file = _prepare(data_cfg, vocab_size)
+    tokens, meta, tokenizer = read_token_file(token_file)
+    spec = data_cfg.corpus
+    if tokenizer.vocab_size > vocab_size:
+        raise DataError(
+            f"model.vocab_size={vocab_size} is smaller than the {tokenizer.name} tokenizer's "
+            f"{tokenizer.vocab_size} tokens in '{spec}'"
+        )
+    val_start = meta["val_start"]
+    train, val = tokens[:val_start], tokens[val_start:]
+    is_bin = resolve_corpus(spec).kind == "bin"
+    hints = {
+        "training": "use a larger corpus or a smaller model.seq_len",
+        "validation": "re-run plait prepare with a larger --val-fraction" if is_bin
+        else "use a larger corpus, a larger data.val_fraction or a smaller model.seq_len",
+    }
+    for split, arr in (("training", train), ("validation", val)):
+        if len(arr) < seq_len + 1:
+            raise DataError(
+                f"data.corpus: '{spec}' has {len(arr):,} {split} tokens, fewer than "
+                f"model.seq_len + 1 = {seq_len + 1}; {hints[split]}"
+            )
+    tok_desc = "byte" if tokenizer.name == "byte" else f"{tokenizer.name}, vocab {tokenizer.vocab_size:,}"
+    size = meta.get("source", {}).get("bytes")
+    size_desc = f"{size:,} bytes" if isinstance(size, int) else f"{len(tokens):,} tokens"
+    description = f"{spec}: {size_desc} -> {len(train):,} train / {len(val):,} val tokens ({tok_desc})"
+    return PreparedData(train=train, val=val, tokenizer=tokenizer, description=description)

@@ -1,0 +1,43 @@
+"""Start N local worker processes through PyTorch's elastic launcher (what torchrun runs).
+
+Each worker re-runs the same `plait train` command line with RANK, WORLD_SIZE and the
+rendezvous address in its environment, exactly as under `torchrun`, so local and cluster
+runs take one code path. All traffic stays on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import uuid
+
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+USAGE_ERROR = 2
+
+
+def launch_local(nproc: int, plait_args: list[str], max_restarts: int = 0) -> int:
+    """Run `python -m plait <plait_args>` as `nproc` workers; return the job's exit status."""
+    config = LaunchConfig(
+        min_nodes=1, max_nodes=1, nproc_per_node=nproc,
+        run_id=f"plait-{uuid.uuid4().hex[:8]}",
+        rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0",  # port 0: the store picks a free port
+        local_addr="127.0.0.1", max_restarts=max_restarts, monitor_interval=0.1,
+    )
+    # Keep gloo on the loopback interface whatever the host name resolves to.
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo" if sys.platform.startswith("linux") else "lo0")
+    # The agent's own log lines duplicate what the workers print; keep only real trouble.
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    try:
+        elastic_launch(config, sys.executable)("-m", "plait", *plait_args)
+    except ChildFailedError as failure:
+        codes = [f.exitcode for f in failure.failures.values()]
+        if USAGE_ERROR in codes:
+            return USAGE_ERROR  # the worker has already printed the one-line reason
+        first_rank, first = min(failure.failures.items())
+        print(f"plait: worker rank {first_rank} failed with exit code {first.exitcode} "
+              f"(its traceback is above)", file=sys.stderr)
+        return 1
+    return 0

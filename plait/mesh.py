@@ -1,0 +1,108 @@
+"""The parallel layout: the degree of each dimension, each rank's coordinates, and the
+process group of every dimension.
+
+Ranks are laid out on a grid with tensor parallel varying fastest, then context, data and
+pipeline parallel (Megatron's order, which keeps the chattiest groups on neighbouring ranks,
+i.e. inside a node): rank = ((pp_i * dp + dp_i) * cp + cp_i) * tp + tp_i.
+Expert parallelism is folded into the same ranks and gets its own groups when it lands.
+Groups are objects passed to whoever communicates; nothing here is global state.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import torch.distributed as dist
+
+from plait.parallel.comm import Group
+
+# Outermost first; the last dimension varies fastest across consecutive ranks.
+GRID_ORDER = ("pp", "dp", "cp", "tp")
+
+
+@dataclass(frozen=True)
+class ParallelDims:
+    dp: int = 1
+    tp: int = 1
+    cp: int = 1
+    pp: int = 1
+
+    @property
+    def world_size(self) -> int:
+        return self.dp * self.tp * self.cp * self.pp
+
+    def degree(self, dim: str) -> int:
+        return getattr(self, dim)
+
+    def coords(self, rank: int) -> dict[str, int]:
+        out = {}
+        for dim in reversed(GRID_ORDER):
+            out[dim] = rank % self.degree(dim)
+            rank //= self.degree(dim)
+        return out
+
+    def rank_of(self, coords: dict[str, int]) -> int:
+        rank = 0
+        for dim in GRID_ORDER:
+            rank = rank * self.degree(dim) + coords[dim]
+        return rank
+
+    def group_ranks(self, dim: str) -> list[list[int]]:
+        """Every group of `dim`: the ranks that differ only in their `dim` coordinate."""
+        others = [d for d in GRID_ORDER if d != dim]
+        groups = []
+        for fixed in itertools.product(*(range(self.degree(d)) for d in others)):
+            base = dict(zip(others, fixed))
+            groups.append([self.rank_of({**base, dim: i}) for i in range(self.degree(dim))])
+        return groups
+
+
+@dataclass
+class Mesh:
+    dims: ParallelDims
+    rank: int
+    coords: dict[str, int]
+    groups: dict[str, Group]
+
+    @property
+    def world_size(self) -> int:
+        return self.dims.world_size
+
+    @property
+    def dp(self) -> Group:
+        return self.groups["dp"]
+
+    @property
+    def world(self) -> Group:
+        return self.groups["world"]
+
+    @staticmethod
+    def build(dims: ParallelDims, rank: int) -> "Mesh":
+        """Create the process groups of every dimension (collective: all ranks must call it)."""
+        initialised = dist.is_available() and dist.is_initialized()
+        if not initialised and dims.world_size != 1:
+            raise RuntimeError("a multi-rank mesh needs torch.distributed to be initialised")
+        groups: dict[str, Group] = {}
+        world_ranks = list(range(dims.world_size))
+        groups["world"] = (
+            Group("world", world_ranks, rank, dist.group.WORLD) if dims.world_size > 1
+            else Group.single("world", rank)
+        )
+        for dim in GRID_ORDER:
+            for ranks in dims.group_ranks(dim):
+                if len(ranks) == 1:
+                    if rank in ranks:
+                        groups[dim] = Group.single(dim, rank)
+                    continue
+                if len(ranks) == dims.world_size:
+                    process_group = dist.group.WORLD
+                else:
+                    # new_group is collective over the whole world, even for groups we are not in.
+                    process_group = dist.new_group(ranks)
+                if rank in ranks:
+                    groups[dim] = Group(dim, ranks, ranks.index(rank), process_group)
+        return Mesh(dims=dims, rank=rank, coords=dims.coords(rank), groups=groups)
+
+    def describe(self) -> str:
+        return " x ".join(f"{d}={self.dims.degree(d)}" for d in ("dp", "tp", "cp", "pp"))

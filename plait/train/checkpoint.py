@@ -1,0 +1,137 @@
+"""Checkpoint files on disk: atomic writes, a manifest with checksums, validation, fallback.
+
+A checkpoint is a directory `checkpoints/step-00000042/` holding named files and a
+`manifest.json` (written last) with each file's size and sha256. It is written into a
+temporary sibling directory and renamed into place, so a crash mid-write never leaves a
+directory that looks complete. On resume the newest checkpoint whose files all match the
+manifest is used; a corrupt one is reported and skipped, never silently replaced by a
+fresh start. What goes into the files (full tensors keyed by parameter name, so any
+layout can load them) is decided by the trainer; this module only stores and verifies.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+FORMAT = "plait-checkpoint-v1"
+MANIFEST = "manifest.json"
+STEP_DIR = re.compile(r"^step-(\d{8})$")
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _write_file(path: Path, content: Any) -> None:
+    if isinstance(content, str):
+        path.write_text(content)
+    elif path.suffix == ".pt":
+        torch.save(content, path)
+    else:
+        path.write_text(json.dumps(content, indent=1, sort_keys=True))
+    with path.open("rb") as f:
+        os.fsync(f.fileno())
+
+
+def write_checkpoint(root: Path, step: int, files: dict[str, Any]) -> Path:
+    """Write `files` atomically: str as text, `.pt` names via torch.save, anything else as JSON."""
+    root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(".tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    final = root / step_dir_name(step)
+    tmp = root / f".tmp-{final.name}-{os.getpid()}"
+    tmp.mkdir()
+    entries = {}
+    for name, content in files.items():
+        path = tmp / name
+        _write_file(path, content)
+        entries[name] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+    _write_file(tmp / MANIFEST, {"format": FORMAT, "step": step, "files": entries})
+    if final.exists():  # re-saving a step after a resume: swap, never leave a gap
+        old = root / f".tmp-old-{final.name}-{os.getpid()}"
+        final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(final)
+    dir_fd = os.open(root, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    return final
+
+
+def problem_with(path: Path) -> str | None:
+    """Why the checkpoint at `path` cannot be used, or None when every file matches its manifest."""
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        return "no manifest.json (incomplete write?)"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        files = manifest["files"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return "manifest.json is unreadable"
+    if manifest.get("format") != FORMAT:
+        return f"unknown format {manifest.get('format')!r}"
+    for name, entry in files.items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size != entry["bytes"]:
+            return f"{name} has {file.stat().st_size} bytes, the manifest says {entry['bytes']} (truncated?)"
+        if _sha256(file) != entry["sha256"]:
+            return f"{name} does not match its sha256 checksum"
+    return None
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    """Checkpoint directories under `root`, newest step first."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and STEP_DIR.match(p.name)]
+    return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)), reverse=True)
+
+
+def newest_valid(root: Path) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The newest checkpoint that verifies, and the (path, reason) of each newer one that did not."""
+    rejected = []
+    for path in list_checkpoints(root):
+        reason = problem_with(path)
+        if reason is None:
+            return path, rejected
+        rejected.append((path, reason))
+    return None, rejected
+
+
+def read_file(path: Path, name: str) -> Any:
+    file = path / name
+    if file.suffix == ".pt":
+        return torch.load(file, map_location="cpu", weights_only=True)
+    if file.suffix == ".json":
+        return json.loads(file.read_text())
+    return file.read_text()
+
+
+def prune(root: Path, keep: int) -> list[Path]:
+    """Delete all but the newest `keep` checkpoints; returns what was removed."""
+    removed = list_checkpoints(root)[keep:]
+    for path in removed:
+        shutil.rmtree(path, ignore_errors=True)
+    return removed

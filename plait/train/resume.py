@@ -1,0 +1,120 @@
+"""What a run saves in a checkpoint, which checkpoint it resumes from, and how it restores.
+
+The saved state is layout-independent: full tensors keyed by parameter name (model and
+optimizer), the step and token count (the sampler is a pure function of seed and step, so
+the step is the data position), each rank's RNG state, the resolved config and the
+tokenizer. Any process count can load it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from plait import config as config_mod
+from plait.errors import CheckpointError
+from plait.train import checkpoint as ckpt
+from plait.train.optim import load_optimizer_state_by_name, optimizer_state_by_name
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    tokens: int = 0
+
+
+def checkpoint_files(
+    model: nn.Module, optimizer: torch.optim.Optimizer, state: TrainState, cfg: config_mod.Config,
+    rng_states: list[torch.Tensor], tokenizer_json: str, layout: str,
+) -> dict[str, Any]:
+    return {
+        "model.pt": {name: p.detach().cpu() for name, p in model.named_parameters()},
+        "optimizer.pt": optimizer_state_by_name(optimizer, model),
+        "rng.pt": {"torch_cpu": rng_states},
+        "trainer.json": {
+            "step": state.step, "tokens": state.tokens, "seed": cfg.train.seed,
+            "global_batch": cfg.train.global_batch, "seq_len": cfg.model.seq_len,
+            "corpus": cfg.data.corpus, "layout": layout,
+        },
+        "config.toml": config_mod.to_toml(cfg),
+        "tokenizer.json": tokenizer_json,
+    }
+
+
+def choose_checkpoint(cfg: config_mod.Config, run_dir: Path) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The checkpoint this run resumes from (None: a fresh start) and any corrupt ones skipped.
+
+    Raises CheckpointError rather than start fresh when checkpoints exist but none is valid.
+    """
+    resume = cfg.checkpoint.resume
+    if resume == "never":
+        if ckpt.list_checkpoints(run_dir / "checkpoints"):
+            raise CheckpointError(
+                f"checkpoint.resume=never but {run_dir} already holds checkpoints; "
+                "use another --run-dir or checkpoint.resume=auto"
+            )
+        return None, []
+    if resume == "auto":
+        root = run_dir / "checkpoints"
+    else:
+        given = Path(resume)
+        if not given.exists():
+            raise CheckpointError(f"checkpoint.resume: '{resume}' does not exist")
+        if (given / ckpt.MANIFEST).exists() or ckpt.STEP_DIR.match(given.name):
+            reason = ckpt.problem_with(given)
+            if reason:
+                raise CheckpointError(f"checkpoint.resume: '{resume}' is not usable: {reason}")
+            return given, []
+        root = given / "checkpoints" if (given / "checkpoints").is_dir() else given
+    found, rejected = ckpt.newest_valid(root)
+    if found is None and rejected:
+        reasons = "; ".join(f"{p.name}: {why}" for p, why in rejected)
+        raise CheckpointError(f"no valid checkpoint in {root} ({reasons}); refusing to start from scratch")
+    if found is None and resume not in ("auto", "never"):
+        raise CheckpointError(f"checkpoint.resume: no checkpoint found in '{resume}'")
+    return found, rejected
+
+
+def check_compatible(path: Path, cfg: config_mod.Config) -> list[str]:
+    """Raise if the checkpoint's model differs from this run's; return warnings for softer changes."""
+    saved = config_mod.load_config(str(path / "config.toml"))
+    for field, value in config_mod.to_dict(saved)["model"].items():
+        current = getattr(cfg.model, field)
+        if value != current:
+            raise CheckpointError(
+                f"checkpoint {path} was written for model.{field}={value}, this run has model.{field}={current}"
+            )
+    warnings = []
+    for dotted in ("train.seed", "train.global_batch", "data.corpus", "data.tokenizer"):
+        section, key = dotted.split(".")
+        old, new = getattr(getattr(saved, section), key), getattr(getattr(cfg, section), key)
+        if old != new:
+            warnings.append(f"{dotted} changed from {old!r} to {new!r} since the checkpoint: the sample order differs")
+    return warnings
+
+
+def restore(
+    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, rank: int
+) -> TrainState:
+    try:
+        weights = ckpt.read_file(path, "model.pt")
+        optim_state = ckpt.read_file(path, "optimizer.pt")
+        rng = ckpt.read_file(path, "rng.pt")
+        meta = ckpt.read_file(path, "trainer.json")
+    except Exception as exc:  # a file that passed its checksum but does not load is still unusable
+        raise CheckpointError(f"checkpoint {path} cannot be read: {exc}") from None
+    params = dict(model.named_parameters())
+    if set(weights) != set(params):
+        raise CheckpointError(f"checkpoint {path} holds parameters {sorted(set(weights) ^ set(params))[:3]} that do not match the model")
+    with torch.no_grad():
+        for name, tensor in weights.items():
+            params[name].copy_(tensor)
+    load_optimizer_state_by_name(optimizer, model, optim_state)
+    states = rng["torch_cpu"]
+    if rank < len(states):  # on a larger world, new ranks keep their seeded state
+        torch.set_rng_state(states[rank])
+    return TrainState(step=int(meta["step"]), tokens=int(meta["tokens"]))

@@ -1,0 +1,86 @@
+"""This process's place in the job: rank, device, backend, threads.
+
+Under torchrun (or `plait train --nproc N`, which uses the same elastic launcher) the
+environment carries RANK, WORLD_SIZE and the rendezvous store's address; a process
+started directly is a world of one and needs no process group at all. A caller that has
+already initialised torch.distributed (tests do, with a FileStore) is used as it is.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from plait.config import Config
+from plait.errors import ConfigError
+
+
+@dataclass
+class Runtime:
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def pick_device(cfg: Config, local_rank: int) -> torch.device:
+    wanted = cfg.train.device
+    if wanted == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device=cuda but no CUDA device is available")
+    if wanted == "cuda" or (wanted == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def init_runtime(cfg: Config) -> Runtime:
+    env = os.environ
+    local_rank = int(env.get("LOCAL_RANK", 0))
+    local_world_size = int(env.get("LOCAL_WORLD_SIZE", 1))
+    device = pick_device(cfg, local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if dist.is_available() and dist.is_initialized():
+        rank, world_size = dist.get_rank(), dist.get_world_size()
+        local_world_size = int(env.get("LOCAL_WORLD_SIZE", world_size))
+    elif int(env.get("WORLD_SIZE", 1)) > 1:
+        backend = cfg.parallel.backend
+        if backend == "auto":
+            backend = "nccl" if device.type == "cuda" else "gloo"
+        if backend == "nccl" and device.type != "cuda":
+            raise ConfigError("parallel.backend=nccl needs train.device=cuda")
+        dist.init_process_group(
+            backend=backend,
+            timeout=datetime.timedelta(seconds=cfg.parallel.timeout_s),
+            device_id=device if device.type == "cuda" else None,
+        )
+        rank, world_size = dist.get_rank(), dist.get_world_size()
+    else:
+        rank, world_size = 0, 1
+    threads = cfg.train.threads or max(1, available_cores() // max(1, local_world_size))
+    torch.set_num_threads(threads)
+    return Runtime(rank, world_size, local_rank, local_world_size, device)
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak accelerator memory on CUDA; on CPU the process's peak resident set size."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB

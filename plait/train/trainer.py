@@ -1,0 +1,273 @@
+"""The training loop, top to bottom: process setup, mesh, data, model, data parallelism,
+optimizer, resume, then steps with evaluation, metrics and checkpoints.
+
+Layout invariance is built in here: every rank computes the same global batch from
+(seed, step) and takes its rows; the loss of each micro-batch is a sum over tokens divided
+by the *global* token count, and gradients are summed over ranks, so the update is that of
+the mean loss over the global batch whatever dp and gradient accumulation are.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from plait import config as config_mod
+from plait.config import Config, accumulation_steps
+from plait.data import GlobalSampler, PreparedData, ensure_prepared, eval_starts, get_batch, load_data
+from plait.mesh import Mesh, ParallelDims
+from plait.model import build_model, count_parameters
+from plait.parallel.comm import BOOKKEEPING, Comm
+from plait.parallel.data_parallel import DataParallel
+from plait.train import checkpoint as ckpt
+from plait.train.flops import flops_per_token, peak_flops
+from plait.train.metrics import Progress, RunLog, truncate_metrics
+from plait.train.optim import build_optimizer, lr_at, optimizer_state_bytes, set_lr
+from plait.train.resume import TrainState, check_compatible, checkpoint_files, choose_checkpoint, restore
+from plait.train.runtime import Runtime, init_runtime, peak_memory_bytes
+from plait.train.sample import generate
+
+
+@dataclass
+class TrainResult:
+    losses: list[float] = field(default_factory=list)  # per step run in this call
+    val_loss: float | None = None
+    sample: str | None = None
+    final_step: int = 0
+
+
+class Trainer:
+    def __init__(self, cfg: Config, run_dir: Path, runtime: Runtime):
+        self.cfg, self.run_dir, self.rt = cfg, run_dir, runtime
+        config_mod.validate(cfg, runtime.world_size)
+        self.comm = Comm()
+        self.mesh = Mesh.build(
+            ParallelDims(dp=cfg.parallel.dp, tp=cfg.parallel.tp, cp=cfg.parallel.cp, pp=cfg.parallel.pp),
+            runtime.rank,
+        )
+        self.data = self._load_data()
+        self.model = build_model(cfg.model, cfg.train.seed, runtime.device)
+        self.forward = torch.compile(self.model) if cfg.train.compile else self.model
+        self.dp = DataParallel(self.model, self.comm, self.mesh.dp, int(cfg.parallel.bucket_mb * 2**20))
+        self.optimizer = build_optimizer(self.model, cfg.optim, runtime.device)
+        self.sampler = GlobalSampler(len(self.data.train), cfg.model.seq_len, cfg.train.global_batch, cfg.train.seed)
+        self.val_starts = eval_starts(len(self.data.val), cfg.model.seq_len, cfg.train.eval_batches * cfg.train.global_batch)
+        self.n_params = count_parameters(self.model)
+        self.flops_per_token = flops_per_token(cfg.model, self.n_params)
+        self.peak = peak_flops(runtime.device)
+        self.accum = accumulation_steps(cfg)
+        self.tokens_per_step = cfg.train.global_batch * cfg.model.seq_len
+        self.log = RunLog(run_dir, enabled=runtime.is_main, tensorboard=cfg.log.tensorboard)
+        self.state = TrainState()
+
+    # --- setup ----------------------------------------------------------------------------
+    def _load_data(self) -> PreparedData:
+        # One process per node builds the caches (tokeniser training, token files); the rest wait.
+        if self.rt.local_rank == 0:
+            ensure_prepared(self.cfg.data, self.cfg.model.vocab_size)
+        self.comm.barrier(self.mesh.world)
+        return load_data(self.cfg.data, self.cfg.model.vocab_size, self.cfg.model.seq_len)
+
+    def _autocast(self):
+        if self.cfg.train.dtype == "bf16":
+            return torch.autocast(self.rt.device.type, dtype=torch.bfloat16)
+        return nullcontext()
+
+    def start(self) -> None:
+        """Write the resolved config, then resume from the newest valid checkpoint if there is one."""
+        if self.rt.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.toml").write_text(config_mod.to_toml(self.cfg))
+        chosen = None
+        if self.rt.is_main:
+            try:
+                path, rejected = choose_checkpoint(self.cfg, self.run_dir)
+                warnings = check_compatible(path, self.cfg) if path else []
+                chosen = ("ok", str(path) if path else None, [(str(p), why) for p, why in rejected], warnings)
+            except Exception as exc:  # every rank must hear about it, or the others would hang
+                chosen = ("error", f"{type(exc).__name__}", str(exc), [])
+        chosen = self.comm.broadcast_object(chosen, 0, self.mesh.world)
+        if chosen[0] == "error":
+            from plait import errors
+
+            raise getattr(errors, chosen[1], errors.CheckpointError)(chosen[2])
+        _, path, rejected, warnings = chosen
+        for bad, why in rejected:
+            self.log.event("checkpoint_corrupt", path=bad, reason=why)
+            self._say(f"warning: checkpoint {bad} is unusable ({why}); falling back to the previous one")
+        for warning in warnings:
+            self.log.event("warning", message=warning)
+            self._say(f"warning: {warning}")
+        if path is not None:
+            self.state = restore(Path(path), self.model, self.optimizer, self.rt.rank)
+            dropped = truncate_metrics(self.run_dir, self.state.step) if self.rt.is_main else 0
+            self.log.event("resumed", checkpoint=path, step=self.state.step, dropped_metric_rows=dropped)
+            self._say(f"resumed from {path} at step {self.state.step}")
+        self.log.event(
+            "start", name=self.cfg.name, world_size=self.rt.world_size, layout=self.mesh.describe(),
+            parameters=self.n_params, device=str(self.rt.device), data=self.data.description,
+            step=self.state.step, steps=self.cfg.train.steps,
+        )
+        self._say(
+            f"plait: {self.cfg.name}, {self.n_params / 1e6:.2f}M parameters, {self.mesh.describe()} "
+            f"on {self.rt.device.type}, accumulation {self.accum}; {self.data.description}"
+        )
+
+    def _say(self, text: str) -> None:
+        if self.rt.is_main:
+            print(text, flush=True)
+
+    # --- one optimizer step ---------------------------------------------------------------
+    def _micro_batches(self, starts: np.ndarray) -> list[np.ndarray]:
+        per_rank = len(starts) // self.mesh.dp.size
+        mine = starts[self.mesh.dp.rank * per_rank:(self.mesh.dp.rank + 1) * per_rank]
+        return np.split(mine, self.accum)
+
+    def train_step(self, step: int) -> tuple[torch.Tensor, float, float]:
+        """Forward and backward over this rank's micro-batches, gradient sync, clip, update."""
+        lr = lr_at(step, self.cfg.optim, self.cfg.train)
+        set_lr(self.optimizer, lr)
+        micro_batches = self._micro_batches(self.sampler.global_batch_starts(step))
+        local_loss = torch.zeros((), device=self.rt.device)
+        for index, rows in enumerate(micro_batches):
+            inputs, targets = (t.to(self.rt.device, non_blocking=True)
+                               for t in get_batch(self.data.train, rows, self.cfg.model.seq_len))
+            sync = index == len(micro_batches) - 1
+            with (nullcontext() if sync else self.dp.no_sync()):
+                with self._autocast():
+                    logits = self.forward(inputs)
+                    loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum")
+                loss = loss / self.tokens_per_step
+                loss.backward()
+            local_loss += loss.detach()
+        self.dp.finish_gradient_sync()
+        params = list(self.model.parameters())
+        if self.cfg.optim.grad_clip > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.grad_clip, foreach=True)
+        else:
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
+        self.optimizer.step()
+        self.dp.zero_grad()
+        return local_loss, float(grad_norm), lr
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean loss per token over the fixed validation windows, shared out over the dp ranks."""
+        mine = np.array_split(self.val_starts, self.mesh.dp.size)[self.mesh.dp.rank]
+        totals = torch.zeros(2, dtype=torch.float64, device=self.rt.device)
+        for chunk in np.array_split(mine, max(1, -(-len(mine) // self.cfg.train.micro_batch))):
+            if len(chunk) == 0:
+                continue
+            inputs, targets = (t.to(self.rt.device) for t in get_batch(self.data.val, chunk, self.cfg.model.seq_len))
+            with self._autocast():
+                logits = self.forward(inputs)
+            totals[0] += F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum").double()
+            totals[1] += targets.numel()
+        self.comm.all_reduce(totals, self.mesh.dp, tag=BOOKKEEPING)
+        return float(totals[0] / totals[1])
+
+    def _state_bytes(self) -> int:
+        params = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        return params + self.dp.grad_bytes() + optimizer_state_bytes(self.optimizer)
+
+    def _gather_step_stats(self, local_loss: torch.Tensor) -> tuple[float, int, int, int]:
+        """Global loss (sum over ranks) and the largest state, memory and traffic of any rank."""
+        local = torch.tensor(
+            [float(local_loss), self._state_bytes(), peak_memory_bytes(self.rt.device), self.comm.take_bytes()],
+            dtype=torch.float64, device=self.rt.device,
+        )
+        gathered = torch.empty(self.mesh.world.size * 4, dtype=torch.float64, device=self.rt.device)
+        self.comm.all_gather_into(gathered, local, self.mesh.world, tag=BOOKKEEPING)
+        rows = gathered.view(-1, 4)
+        # Only dp ranks hold distinct loss parts (tp/cp/pp peers will share theirs).
+        loss = float(rows[:, 0].sum()) * self.mesh.dp.size / self.mesh.world.size
+        return loss, int(rows[:, 1].max()), int(rows[:, 2].max()), int(rows[:, 3].max())
+
+    # --- the loop ---------------------------------------------------------------------------
+    def fit(self) -> TrainResult:
+        cfg = self.cfg
+        result = TrainResult(final_step=self.state.step)
+        progress = Progress(cfg.train.steps, self.state.step, cfg.log.progress, cfg.log.every, self.rt.is_main)
+        last_saved = self.state.step if self.state.step else None
+        try:
+            for step in range(self.state.step + 1, cfg.train.steps + 1):
+                started = time.perf_counter()
+                local_loss, grad_norm, lr = self.train_step(step)
+                if self.rt.device.type == "cuda":
+                    torch.cuda.synchronize(self.rt.device)
+                step_time = time.perf_counter() - started
+                loss, state_bytes, peak_mem, comm_bytes = self._gather_step_stats(local_loss)
+                self.state.step, self.state.tokens = step, self.state.tokens + self.tokens_per_step
+                tokens_per_s = self.tokens_per_step / step_time
+                row = {
+                    "step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                    "tokens": self.state.tokens, "step_time_s": step_time, "tokens_per_s": tokens_per_s,
+                    "mfu": (tokens_per_s * self.flops_per_token / (self.peak * self.rt.world_size)
+                            if self.peak else None),
+                    "state_bytes": state_bytes, "peak_mem_bytes": peak_mem, "comm_bytes": comm_bytes,
+                }
+                if step == cfg.train.steps or (cfg.train.eval_every and step % cfg.train.eval_every == 0):
+                    row["val_loss"] = result.val_loss = self.evaluate()
+                    self.log.event("evaluation", step=step, val_loss=row["val_loss"])
+                self.log.metrics(row)
+                result.losses.append(loss)
+                progress.update(step, loss, tokens_per_s, row.get("val_loss"))
+                if step == cfg.train.steps or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
+                    self.save_checkpoint()
+                    last_saved = step
+            if last_saved != self.state.step:
+                self.save_checkpoint()
+        finally:
+            progress.close()
+        result.final_step = self.state.step
+        return result
+
+    def save_checkpoint(self) -> None:
+        rng_states = self.comm.all_gather_object(torch.get_rng_state(), self.mesh.world)
+        if self.rt.is_main:
+            files = checkpoint_files(self.model, self.optimizer, self.state, self.cfg, rng_states,
+                                     self.data.tokenizer.to_json(), self.mesh.describe())
+            path = ckpt.write_checkpoint(self.run_dir / "checkpoints", self.state.step, files)
+            removed = ckpt.prune(self.run_dir / "checkpoints", self.cfg.checkpoint.keep)
+            self.log.event("checkpoint_saved", step=self.state.step, path=str(path),
+                           pruned=[p.name for p in removed])
+        # Nobody moves on (or exits) until the checkpoint is complete on disk.
+        self.comm.barrier(self.mesh.world)
+
+    def sample(self, prompt: str, n_tokens: int) -> str:
+        return generate(self.model, self.data.tokenizer, prompt, n_tokens, self.cfg.model.seq_len,
+                        seed=self.cfg.train.seed, device=self.rt.device)
+
+    def close(self) -> None:
+        self.log.close()
+
+
+DEFAULT_PROMPT = "\n"
+
+
+def train(cfg: Config, run_dir: Path) -> TrainResult:
+    """Run (or resume) training in this process as one rank of the job; print a sample at the end."""
+    runtime = init_runtime(cfg)
+    trainer = Trainer(cfg, Path(run_dir), runtime)
+    try:
+        trainer.start()
+        if trainer.state.step >= cfg.train.steps:
+            trainer._say(f"already at step {trainer.state.step} of {cfg.train.steps}: nothing to train")
+        result = trainer.fit()
+        if runtime.is_main:
+            trainer.log.event("finished", step=result.final_step, val_loss=result.val_loss)
+            if cfg.train.sample_tokens:
+                result.sample = trainer.sample(DEFAULT_PROMPT, cfg.train.sample_tokens)
+                print(f"\n--- sample after {result.final_step} steps ---\n{result.sample}\n---", flush=True)
+        return result
+    except Exception as exc:
+        trainer.log.event("error", kind=type(exc).__name__, message=str(exc).splitlines()[0] if str(exc) else "")
+        raise
+    finally:
+        trainer.close()

@@ -1,0 +1,50 @@
+"""Training scenarios that test workers run, and what they report back."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import torch
+
+from plait import config as config_mod
+
+# The tiny preset, shortened: 20 steps, global batch 16 of 128-token windows, micro-batch 4
+# (so dp 1/2/4 run 4/2/1 accumulation steps), checkpoints every 10 steps.
+BASE = [
+    "train.steps=20", "train.global_batch=16", "train.micro_batch=4", "train.eval_every=0",
+    "train.eval_batches=1", "train.sample_tokens=0", "train.threads=1", "train.dtype=fp32",
+    "checkpoint.every=10", "checkpoint.keep=5", "log.tensorboard=false", "log.progress=none",
+]
+
+
+def params_digest(model: torch.nn.Module) -> str:
+    digest = hashlib.sha256()
+    for name, p in sorted(model.named_parameters()):
+        digest.update(name.encode())
+        digest.update(p.detach().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def run_training(overrides: list[str], run_dir: str) -> dict:
+    """Train the shortened tiny model in this process (one rank of the current group)."""
+    from plait.train.runtime import init_runtime
+    from plait.train.trainer import Trainer
+
+    cfg = config_mod.load_config("tiny", BASE + overrides)
+    trainer = Trainer(cfg, Path(run_dir), init_runtime(cfg))
+    try:
+        trainer.start()
+        result = trainer.fit()
+        digest = params_digest(trainer.model)
+    finally:
+        trainer.close()
+    return {"losses": result.losses, "val_loss": result.val_loss, "digest": digest,
+            "final_step": result.final_step}
+
+
+def run_many(rank: int, world_size: int, jobs: list[tuple[str, list[str], str]]) -> dict:
+    """Run named (overrides, run_dir) jobs one after another in the same process group."""
+    os.environ.setdefault("PLAIT_CACHE", str(Path(jobs[0][2]).parent / "cache"))
+    return {name: run_training(overrides, run_dir) for name, overrides, run_dir in jobs}
