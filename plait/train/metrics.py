@@ -30,21 +30,6 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def truncate_metrics(run_dir: Path, last_step: int) -> int:
-    """Keep rows up to `last_step` (the resumed checkpoint) so the file stays one history.
-
-    Returns how many rows of steps that will be redone were dropped.
-    """
-    path = run_dir / METRICS_FILE
-    rows = read_jsonl(path)
-    kept = [r for r in rows if r.get("step", 0) <= last_step]
-    if len(kept) != len(rows):
-        tmp = path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        tmp.replace(path)
-    return len(rows) - len(kept)
-
-
 class RunLog:
     """Appends metrics and events for rank 0; every method is a no-op on other ranks."""
 
@@ -60,6 +45,24 @@ class RunLog:
             from torch.utils.tensorboard import SummaryWriter  # imported lazily: it is slow to import
 
             self._tb = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def truncate_metrics(self, last_step: int) -> int:
+        """Keep rows up to `last_step` (the resumed checkpoint) so the file stays one history.
+
+        Returns how many rows of steps that will be redone were dropped.
+        """
+        if not self.enabled:
+            return 0
+        path = Path(self._metrics.name)
+        self._metrics.close()
+        rows = read_jsonl(path)
+        kept = [r for r in rows if r.get("step", 0) <= last_step]
+        if len(kept) != len(rows):
+            tmp = path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            tmp.replace(path)
+        self._metrics = path.open("a")
+        return len(rows) - len(kept)
 
     def metrics(self, row: dict[str, Any]) -> None:
         if not self.enabled:

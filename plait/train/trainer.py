@@ -27,7 +27,7 @@ from plait.parallel.comm import BOOKKEEPING, Comm
 from plait.parallel.data_parallel import DataParallel
 from plait.train import checkpoint as ckpt
 from plait.train.flops import flops_per_token, peak_flops
-from plait.train.metrics import Progress, RunLog, truncate_metrics
+from plait.train.metrics import Progress, RunLog
 from plait.train.optim import build_optimizer, lr_at, optimizer_state_bytes, set_lr
 from plait.train.resume import TrainState, check_compatible, checkpoint_files, choose_checkpoint, restore
 from plait.train.runtime import Runtime, init_runtime, peak_memory_bytes
@@ -106,7 +106,7 @@ class Trainer:
             self._say(f"warning: {warning}")
         if path is not None:
             self.state = restore(Path(path), self.model, self.optimizer, self.rt.rank)
-            dropped = truncate_metrics(self.run_dir, self.state.step) if self.rt.is_main else 0
+            dropped = self.log.truncate_metrics(self.state.step)
             self.log.event("resumed", checkpoint=path, step=self.state.step, dropped_metric_rows=dropped)
             self._say(f"resumed from {path} at step {self.state.step}")
         self.log.event(
@@ -267,7 +267,7 @@ def train(cfg: Config, run_dir: Path) -> TrainResult:
                 print(f"\n--- sample after {result.final_step} steps ---\n{result.sample}\n---", flush=True)
         return result
     except Exception as exc:
-        trainer.log.event("error", kind=type(exc).__name__, message=str(exc).splitlines()[0] if str(exc) else "")
+        trainer.log.event("error", error_type=type(exc).__name__, message=str(exc).splitlines()[0] if str(exc) else "")
         raise
     finally:
         trainer.close()
