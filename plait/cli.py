@@ -139,6 +139,9 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(USAGE_ERROR)
     except KeyboardInterrupt:
         sys.exit(130)
+    except BrokenPipeError:  # output piped into `head` and closed early: not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(0)
     except Exception:
         rank = os.environ.get("RANK")
         prefix = f"[rank {rank}] " if rank is not None else ""

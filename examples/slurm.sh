@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Multi-node plait training under SLURM: one torchrun per node, torchrun starts one worker
+# per GPU, and plait runs in place inside each worker (WORLD_SIZE is already set).
+#
+#   sbatch examples/slurm.sh gpt2-124m --set train.steps=2000
+#
+#SBATCH --job-name=plait
+#SBATCH --nodes=2
+#SBATCH --ntasks-per-node=1
+#SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=32
+#SBATCH --time=04:00:00
+#SBATCH --output=%x-%j.out
+set -euo pipefail
+
+GPUS_PER_NODE=${SLURM_GPUS_ON_NODE:-8}
+HEAD_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+RUN_DIR=${RUN_DIR:-runs/${SLURM_JOB_NAME}-${SLURM_JOB_ID}}  # must be on a filesystem all nodes share
+
+srun torchrun \
+  --nnodes="$SLURM_NNODES" \
+  --nproc-per-node="$GPUS_PER_NODE" \
+  --rdzv-id="$SLURM_JOB_ID" \
+  --rdzv-backend=c10d \
+  --rdzv-endpoint="$HEAD_NODE:29500" \
+  --max-restarts=0 \
+  -m plait train "$@" --run-dir "$RUN_DIR"
