@@ -12,59 +12,43 @@ world size and a summary line.
 from __future__ import annotations
 
 import argparse
-import datetime
+import contextlib
 import json
-import os
 import statistics
-import tempfile
-import time
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from plait.config import ModelConfig
+from common import MICRO_BATCH, MODEL, init_rank, make_batches, run_world, timed_steps
+from plait.config import OptimConfig
 from plait.model import build_model
 from plait.parallel.comm import Comm, Group
-from plait.parallel.data_parallel import DataParallel
+from plait.parallel.zero import ZeroEngine
 
-MODEL = ModelConfig(dim=256, n_layers=4, n_heads=8, n_kv_heads=4, ffn_dim=768, vocab_size=256, seq_len=128)
-MICRO_BATCH = 4
 BUCKET_MB = 25.0  # DDP's default bucket_cap_mb
 
 
-def make_batches(steps: int, rank: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    gen = torch.Generator().manual_seed(1000 + rank)
-    data = torch.randint(0, MODEL.vocab_size, (steps, MICRO_BATCH, MODEL.seq_len + 1), generator=gen)
-    return [(d[:, :-1], d[:, 1:]) for d in data]
-
-
-def timed_steps(model, optimizer, batches, tokens, before_step, after_step) -> list[float]:
-    times = []
-    for inputs, targets in batches:
-        start = time.perf_counter()
-        loss = F.cross_entropy(model(inputs).flatten(0, 1), targets.flatten(), reduction="sum") / tokens
-        loss.backward()
-        before_step()
-        optimizer.step()
-        after_step()
-        times.append(time.perf_counter() - start)
-    return times
-
-
 def worker(rank: int, world: int, store_path: str, steps: int, rounds: int, queue) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", store=dist.FileStore(store_path, world), rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))
+    init_rank(rank, world, store_path)
     group = Group("dp", list(range(world)), rank, dist.group.WORLD)
     plait_model = build_model(MODEL, seed=0)
-    plait_dp = DataParallel(plait_model, Comm(), group, int(BUCKET_MB * 2**20))
-    plait_opt = torch.optim.AdamW(plait_model.parameters(), lr=1e-3, foreach=True)
+    optim = OptimConfig(lr=1e-3, weight_decay=0.0)
+    engine = ZeroEngine(plait_model, Comm(), group, optim, stage=0, dtype="fp32", reduce_dtype="fp32",
+                        bucket_bytes=int(BUCKET_MB * 2**20), device=torch.device("cpu"))
     ddp_model = DistributedDataParallel(build_model(MODEL, seed=0), bucket_cap_mb=BUCKET_MB,
                                         gradient_as_bucket_view=True)
-    ddp_opt = torch.optim.AdamW(ddp_model.parameters(), lr=1e-3, foreach=True)
+    ddp_opt = torch.optim.AdamW(ddp_model.parameters(), lr=optim.lr, betas=optim.betas, eps=optim.eps,
+                                weight_decay=0.0, foreach=True)
+
+    def plait_update():
+        engine.step(optim.lr)
+        engine.zero_grad()
+
+    def ddp_update():
+        ddp_opt.step()
+        ddp_opt.zero_grad(set_to_none=False)
+
     batches = make_batches(steps, rank)
     # plait sums gradients over ranks, so its loss is normalised by the global token count;
     # DDP averages them, so its loss is normalised by the local count. Both then follow the
@@ -73,10 +57,8 @@ def worker(rank: int, world: int, store_path: str, steps: int, rounds: int, queu
     global_tokens = local_tokens * world
     plait_times, ddp_times = [], []
     for round_index in range(rounds + 1):  # round 0 warms up both and is not counted
-        p = timed_steps(plait_model, plait_opt, batches, global_tokens,
-                        plait_dp.finish_gradient_sync, plait_dp.zero_grad)
-        d = timed_steps(ddp_model, ddp_opt, batches, local_tokens,
-                        lambda: None, lambda: ddp_opt.zero_grad(set_to_none=False))
+        p = timed_steps(plait_model, batches, global_tokens, lambda: engine.micro_batch(final=True), plait_update)
+        d = timed_steps(ddp_model, batches, local_tokens, contextlib.nullcontext, ddp_update)
         if round_index:
             plait_times += p
             ddp_times += d
@@ -88,12 +70,7 @@ def worker(rank: int, world: int, store_path: str, steps: int, rounds: int, queu
 
 
 def measure(world: int, steps: int, rounds: int) -> dict:
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    with tempfile.TemporaryDirectory() as tmp:
-        mp.start_processes(worker, args=(world, os.path.join(tmp, "store"), steps, rounds, queue),
-                           nprocs=world, start_method="spawn", join=True)
-    result = queue.get(timeout=10)
+    result = run_world(worker, world, steps, rounds)
     n_params = sum(p.numel() for p in build_model(MODEL, seed=0).parameters())
     return {"benchmark": "dp_overhead", "world_size": world, "parameters": n_params,
             "micro_batch": MICRO_BATCH, "seq_len": MODEL.seq_len, **result,

@@ -44,8 +44,10 @@ class ParallelConfig:
     pp: int = 1
     cp: int = 1
     ep: int = 1
-    zero: int = 0
-    bucket_mb: float = 25.0  # gradient all-reduce bucket size
+    zero: int = 0  # ZeRO stage: 0 plain data parallel, 1 optimizer state, 2 + gradients, 3 + parameters
+    reduce_dtype: Literal["fp32", "bf16"] = "fp32"  # dtype gradients are held and reduced in
+    offload: Literal["none", "optimizer"] = "none"  # optimizer: master weights + AdamW state in host memory
+    bucket_mb: float = 25.0  # gradient reduction bucket size
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     timeout_s: float = 600.0  # collective timeout
 
@@ -287,8 +289,8 @@ def validate(cfg: Config, world_size: int) -> Config:
             raise ConfigError(f"parallel.{name}={degree} is not yet supported (only data parallelism is)")
     if p.zero not in (0, 1, 2, 3):
         raise ConfigError(f"parallel.zero={p.zero} must be 0, 1, 2 or 3")
-    if p.zero != 0:
-        raise ConfigError(f"parallel.zero={p.zero} is not yet supported (only zero=0)")
+    if p.zero == 3 and t.compile:
+        raise ConfigError("train.compile=true with parallel.zero=3 is not yet supported")
 
     others = p.tp * p.cp * p.pp
     if p.dp == 0:

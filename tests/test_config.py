@@ -48,7 +48,7 @@ def test_resolved_config_round_trips_through_toml(tmp_path):
     ("parallel.dp=3", 4, "parallel.dp=3 x tp=1 x cp=1 x pp=1 = 3 != world size 4"),
     ("parallel.tp=2", 2, "parallel.tp=2 is not yet supported"),
     ("parallel.pp=2", 2, "parallel.pp=2 is not yet supported"),
-    ("parallel.zero=1", 2, "parallel.zero=1 is not yet supported"),
+    ("parallel.reduce_dtype=fp16", 2, "parallel.reduce_dtype='fp16' is not one of fp32, bf16"),
     ("parallel.zero=5", 2, "parallel.zero=5 must be 0, 1, 2 or 3"),
     ("model.n_heads=3", 1, "model.dim=128 is not divisible by model.n_heads=3"),
     ("model.n_kv_heads=3", 1, "model.n_heads=4 is not divisible by model.n_kv_heads=3"),
@@ -67,6 +67,11 @@ def test_bad_values_name_the_field(override, world, message):
 def test_micro_batch_must_divide_the_per_rank_batch():
     with pytest.raises(ConfigError, match="train.global_batch=12 is not divisible by train.micro_batch=8 x dp=2"):
         validate(load_config("tiny", ["train.global_batch=12", "train.micro_batch=8"]), world_size=2)
+
+
+def test_zero3_with_compile_is_rejected_clearly():
+    with pytest.raises(ConfigError, match="train.compile=true with parallel.zero=3 is not yet supported"):
+        validate(load_config("tiny", ["parallel.zero=3", "train.compile=true"]), world_size=2)
 
 
 def test_bad_sources():

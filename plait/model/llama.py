@@ -57,15 +57,27 @@ class Attention(nn.Module):
         self.wo = nn.Linear(cfg.n_heads * self.head_dim, cfg.dim, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        batch, seq, _ = x.shape
-        q = self.wq(x).view(batch, seq, self.n_heads, self.head_dim).transpose(1, 2)
+        batch = x.shape[0]
+        # The sequence length is read from the projections, not from x: under sequence
+        # parallelism x holds a slice of the sequence and the projections gather all of it.
+        q = self.wq(x)
+        seq = q.shape[1]
+        q = q.view(batch, seq, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.wk(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.wv(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        out = F.scaled_dot_product_attention(
+        out = self.core(q, k, v)
+        return self.wo(out.transpose(1, 2).reshape(batch, seq, -1))
+
+    def core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Causal attention of q [batch, heads, seq, head_dim] over k, v (fewer heads under GQA).
+
+        A method of its own so that parallel code can swap it (ring attention) or
+        recompute just it (selective recomputation) without touching the projections.
+        """
+        return F.scaled_dot_product_attention(
             q, k, v, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads
         )
-        return self.wo(out.transpose(1, 2).reshape(batch, seq, -1))
 
 
 class SwiGLU(nn.Module):

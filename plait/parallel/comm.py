@@ -20,9 +20,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-# Bytes with this tag (bookkeeping such as gathering step statistics) are left out of
+# Traffic with these tags (gathering step statistics, writing checkpoints) is left out of
 # comm_bytes, so that the metric measures the training algorithm's own traffic.
 BOOKKEEPING = "bookkeeping"
+CHECKPOINT = "checkpoint"
+UNMETERED = frozenset({BOOKKEEPING, CHECKPOINT})
 
 
 @dataclass
@@ -91,8 +93,8 @@ class Comm:
         return record
 
     def take_bytes(self) -> int:
-        """Bytes sent since the last call, bookkeeping excluded; resets the counters."""
-        total = sum(n for tag, n in self.bytes_by_tag.items() if tag != BOOKKEEPING)
+        """Bytes sent since the last call, unmetered tags excluded; resets the counters."""
+        total = sum(n for tag, n in self.bytes_by_tag.items() if tag not in UNMETERED)
         self.bytes_by_tag.clear()
         return total
 
@@ -139,16 +141,7 @@ class Comm:
             return Handle(None, None) if async_op else None
         n = group.size
         sent = (n - 1) / n * full.numel() * full.element_size()
-        if dist.get_backend(group.process_group) == "gloo":
-            # Gloo has no reduce-scatter: all-reduce a copy and keep our slice. The traffic
-            # recorded is what the algorithm needs, not the fallback's larger volume.
-            def launch():
-                reduced = full.clone()
-                dist.all_reduce(reduced, group=group.process_group)
-                output.copy_(reduced.chunk(n)[group.rank].reshape(output.shape))
-                return None
-        else:
-            launch = lambda: dist.reduce_scatter_single(output, full, group=group.process_group, async_op=async_op)  # noqa: E731
+        launch = lambda: dist.reduce_scatter_single(output, full, group=group.process_group, async_op=async_op)  # noqa: E731
         return self._run(group, "reduce_scatter", tag, sent, launch, async_op)
 
     def broadcast(self, tensor: torch.Tensor, src_rank: int, group: Group, tag: str = "state") -> None:
@@ -182,3 +175,38 @@ class Comm:
             return
         self._run(group, "barrier", BOOKKEEPING, 0,
                   lambda: dist.barrier(group=group.process_group), async_op=False)
+
+    # --- point-to-point -----------------------------------------------------------------
+    def send_recv_async(
+        self, send_tensor: torch.Tensor, dst_rank: int, recv_tensor: torch.Tensor, src_rank: int,
+        group: Group, tag: str = "activations", message_tag: int = 0,
+    ) -> Handle:
+        """Send `send_tensor` to the group's member `dst_rank` and receive `recv_tensor` from
+        member `src_rank` (indices into group.ranks), both in flight at once: the ring step of
+        ring attention. `message_tag` keeps concurrent exchanges between the same pair apart.
+        Bytes sent are the send tensor's bytes."""
+        if group.size == 1:
+            recv_tensor.copy_(send_tensor)  # a ring of one passes the block to itself
+            return Handle(None, None)
+        sent = send_tensor.numel() * send_tensor.element_size()
+        dst, src = group.ranks[dst_rank], group.ranks[src_rank]
+
+        def launch() -> _AllWorks:
+            ops = [
+                dist.P2POp(dist.isend, send_tensor, dst, group=group.process_group, tag=message_tag),
+                dist.P2POp(dist.irecv, recv_tensor, src, group=group.process_group, tag=message_tag),
+            ]
+            return _AllWorks(dist.batch_isend_irecv(ops))
+
+        return self._run(group, "send_recv", tag, sent, launch, async_op=True)
+
+
+class _AllWorks:
+    """Several in-flight works waited on as one (batch_isend_irecv returns one per op)."""
+
+    def __init__(self, works: list[Any]):
+        self._works = works
+
+    def wait(self) -> None:
+        for work in self._works:
+            work.wait()

@@ -13,12 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
-
 from plait import config as config_mod
 from plait.errors import CheckpointError
 from plait.train import checkpoint as ckpt
-from plait.train.optim import load_optimizer_state_by_name, optimizer_state_by_name
+from plait.parallel.zero import ZeroEngine
 
 
 @dataclass
@@ -28,12 +26,12 @@ class TrainState:
 
 
 def checkpoint_files(
-    model: nn.Module, optimizer: torch.optim.Optimizer, state: TrainState, cfg: config_mod.Config,
-    rng_states: list[torch.Tensor], tokenizer_json: str, layout: str,
+    params: dict[str, torch.Tensor], optimizer: dict[str, dict[str, torch.Tensor]], state: TrainState,
+    cfg: config_mod.Config, rng_states: list[torch.Tensor], tokenizer_json: str, layout: str,
 ) -> dict[str, Any]:
     return {
-        "model.pt": {name: p.detach().cpu() for name, p in model.named_parameters()},
-        "optimizer.pt": optimizer_state_by_name(optimizer, model),
+        "model.pt": params,
+        "optimizer.pt": optimizer,
         "rng.pt": {"torch_cpu": rng_states},
         "trainer.json": {
             "step": state.step, "tokens": state.tokens, "seed": cfg.train.seed,
@@ -97,9 +95,8 @@ def check_compatible(path: Path, cfg: config_mod.Config) -> list[str]:
     return warnings
 
 
-def restore(
-    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, rank: int
-) -> TrainState:
+def restore(path: Path, engine: ZeroEngine, rank: int) -> TrainState:
+    """Load a checkpoint written by any layout into this rank's part of `engine`."""
     try:
         weights = ckpt.read_file(path, "model.pt")
         optim_state = ckpt.read_file(path, "optimizer.pt")
@@ -107,13 +104,10 @@ def restore(
         meta = ckpt.read_file(path, "trainer.json")
     except Exception as exc:  # a file that passed its checksum but does not load is still unusable
         raise CheckpointError(f"checkpoint {path} cannot be read: {exc}") from None
-    params = dict(model.named_parameters())
-    if set(weights) != set(params):
-        raise CheckpointError(f"checkpoint {path} holds parameters {sorted(set(weights) ^ set(params))[:3]} that do not match the model")
-    with torch.no_grad():
-        for name, tensor in weights.items():
-            params[name].copy_(tensor)
-    load_optimizer_state_by_name(optimizer, model, optim_state)
+    try:
+        engine.load_full_state(weights, optim_state)
+    except KeyError as exc:
+        raise CheckpointError(f"checkpoint {path} does not match the model: {exc.args[0]}") from None
     states = rng["torch_cpu"]
     if rank < len(states):  # on a larger world, new ranks keep their seeded state
         torch.set_rng_state(states[rank])

@@ -10,7 +10,6 @@ the mean loss over the global batch whatever dp and gradient accumulation are.
 from __future__ import annotations
 
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,11 +23,12 @@ from plait.data import GlobalSampler, PreparedData, ensure_prepared, eval_starts
 from plait.mesh import Mesh, ParallelDims
 from plait.model import build_model, count_parameters
 from plait.parallel.comm import BOOKKEEPING, Comm
-from plait.parallel.data_parallel import DataParallel
+from plait.parallel.zero import ZeroEngine
+from plait.parallel.zero3 import Zero3Gatherer, transformer_units
 from plait.train import checkpoint as ckpt
 from plait.train.flops import flops_per_token, peak_flops
 from plait.train.metrics import Progress, RunLog
-from plait.train.optim import build_optimizer, lr_at, optimizer_state_bytes, set_lr
+from plait.train.lr_schedule import lr_at
 from plait.train.resume import TrainState, check_compatible, checkpoint_files, choose_checkpoint, restore
 from plait.train.runtime import Runtime, init_runtime, peak_memory_bytes
 from plait.train.sample import generate
@@ -53,12 +53,18 @@ class Trainer:
         )
         self.data = self._load_data()
         self.model = build_model(cfg.model, cfg.train.seed, runtime.device)
+        self.n_params = count_parameters(self.model)  # before ZeRO-3 turns parameters into slices
+        self.engine = ZeroEngine(
+            self.model, self.comm, self.mesh.dp, cfg.optim, stage=cfg.parallel.zero, dtype=cfg.train.dtype,
+            reduce_dtype=cfg.parallel.reduce_dtype, bucket_bytes=int(cfg.parallel.bucket_mb * 2**20),
+            device=runtime.device, offload=cfg.parallel.offload == "optimizer",
+            units=transformer_units(self.model) if cfg.parallel.zero == 3 else None,
+        )
+        if cfg.parallel.zero == 3:
+            Zero3Gatherer(self.engine, self.model)
         self.forward = torch.compile(self.model) if cfg.train.compile else self.model
-        self.dp = DataParallel(self.model, self.comm, self.mesh.dp, int(cfg.parallel.bucket_mb * 2**20))
-        self.optimizer = build_optimizer(self.model, cfg.optim, runtime.device)
         self.sampler = GlobalSampler(len(self.data.train), cfg.model.seq_len, cfg.train.global_batch, cfg.train.seed)
         self.val_starts = eval_starts(len(self.data.val), cfg.model.seq_len, cfg.train.eval_batches * cfg.train.global_batch)
-        self.n_params = count_parameters(self.model)
         self.flops_per_token = flops_per_token(cfg.model, self.n_params)
         self.peak = peak_flops(runtime.device)
         self.accum = accumulation_steps(cfg)
@@ -73,11 +79,6 @@ class Trainer:
             ensure_prepared(self.cfg.data, self.cfg.model.vocab_size)
         self.comm.barrier(self.mesh.world)
         return load_data(self.cfg.data, self.cfg.model.vocab_size, self.cfg.model.seq_len)
-
-    def _autocast(self):
-        if self.cfg.train.dtype == "bf16":
-            return torch.autocast(self.rt.device.type, dtype=torch.bfloat16)
-        return nullcontext()
 
     def start(self) -> None:
         """Write the resolved config, then resume from the newest valid checkpoint if there is one."""
@@ -105,7 +106,7 @@ class Trainer:
             self.log.event("warning", message=warning)
             self._say(f"warning: {warning}")
         if path is not None:
-            self.state = restore(Path(path), self.model, self.optimizer, self.rt.rank)
+            self.state = restore(Path(path), self.engine, self.rt.rank)
             dropped = self.log.truncate_metrics(self.state.step)
             self.log.event("resumed", checkpoint=path, step=self.state.step, dropped_metric_rows=dropped)
             self._say(f"resumed from {path} at step {self.state.step}")
@@ -132,54 +133,43 @@ class Trainer:
     def train_step(self, step: int) -> tuple[torch.Tensor, float, float]:
         """Forward and backward over this rank's micro-batches, gradient sync, clip, update."""
         lr = lr_at(step, self.cfg.optim, self.cfg.train)
-        set_lr(self.optimizer, lr)
         micro_batches = self._micro_batches(self.sampler.global_batch_starts(step))
         local_loss = torch.zeros((), device=self.rt.device)
         for index, rows in enumerate(micro_batches):
             inputs, targets = (t.to(self.rt.device, non_blocking=True)
                                for t in get_batch(self.data.train, rows, self.cfg.model.seq_len))
-            sync = index == len(micro_batches) - 1
-            with (nullcontext() if sync else self.dp.no_sync()):
-                with self._autocast():
-                    logits = self.forward(inputs)
-                    loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum")
+            with self.engine.micro_batch(final=index == len(micro_batches) - 1):
+                logits = self.forward(inputs)
+                # The loss is taken in fp32 whatever the compute dtype.
+                loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum")
                 loss = loss / self.tokens_per_step
                 loss.backward()
             local_loss += loss.detach()
-        self.dp.finish_gradient_sync()
-        params = list(self.model.parameters())
-        if self.cfg.optim.grad_clip > 0:
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.grad_clip, foreach=True)
-        else:
-            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
-        self.optimizer.step()
-        self.dp.zero_grad()
-        return local_loss, float(grad_norm), lr
+        grad_norm = self.engine.clip_grad_norm(self.cfg.optim.grad_clip)
+        self.engine.step(lr)
+        self.engine.zero_grad()
+        return local_loss, grad_norm, lr
 
     @torch.no_grad()
     def evaluate(self) -> float:
         """Mean loss per token over the fixed validation windows, shared out over the dp ranks."""
-        mine = np.array_split(self.val_starts, self.mesh.dp.size)[self.mesh.dp.rank]
+        # Equal shares, so every rank runs the same number of forwards (ZeRO-3 gathers in each).
+        per_rank = max(1, len(self.val_starts) // self.mesh.dp.size)
+        starts = np.resize(self.val_starts, per_rank * self.mesh.dp.size)
+        mine = starts[self.mesh.dp.rank * per_rank:(self.mesh.dp.rank + 1) * per_rank]
         totals = torch.zeros(2, dtype=torch.float64, device=self.rt.device)
-        for chunk in np.array_split(mine, max(1, -(-len(mine) // self.cfg.train.micro_batch))):
-            if len(chunk) == 0:
-                continue
+        for chunk in np.array_split(mine, -(-len(mine) // self.cfg.train.micro_batch)):
             inputs, targets = (t.to(self.rt.device) for t in get_batch(self.data.val, chunk, self.cfg.model.seq_len))
-            with self._autocast():
-                logits = self.forward(inputs)
+            logits = self.forward(inputs)
             totals[0] += F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum").double()
             totals[1] += targets.numel()
         self.comm.all_reduce(totals, self.mesh.dp, tag=BOOKKEEPING)
         return float(totals[0] / totals[1])
 
-    def _state_bytes(self) -> int:
-        params = sum(p.numel() * p.element_size() for p in self.model.parameters())
-        return params + self.dp.grad_bytes() + optimizer_state_bytes(self.optimizer)
-
     def _gather_step_stats(self, local_loss: torch.Tensor) -> tuple[float, int, int, int]:
         """Global loss (sum over ranks) and the largest state, memory and traffic of any rank."""
         local = torch.tensor(
-            [float(local_loss), self._state_bytes(), peak_memory_bytes(self.rt.device), self.comm.take_bytes()],
+            [float(local_loss), self.engine.state_bytes(), peak_memory_bytes(self.rt.device), self.comm.take_bytes()],
             dtype=torch.float64, device=self.rt.device,
         )
         gathered = torch.empty(self.mesh.world.size * 4, dtype=torch.float64, device=self.rt.device)
@@ -230,8 +220,9 @@ class Trainer:
 
     def save_checkpoint(self) -> None:
         rng_states = self.comm.all_gather_object(torch.get_rng_state(), self.mesh.world)
+        params, optim = self.engine.full_state()
         if self.rt.is_main:
-            files = checkpoint_files(self.model, self.optimizer, self.state, self.cfg, rng_states,
+            files = checkpoint_files(params, optim, self.state, self.cfg, rng_states,
                                      self.data.tokenizer.to_json(), self.mesh.describe())
             path = ckpt.write_checkpoint(self.run_dir / "checkpoints", self.state.step, files)
             removed = ckpt.prune(self.run_dir / "checkpoints", self.cfg.checkpoint.keep)
@@ -240,8 +231,14 @@ class Trainer:
         # Nobody moves on (or exits) until the checkpoint is complete on disk.
         self.comm.barrier(self.mesh.world)
 
-    def sample(self, prompt: str, n_tokens: int) -> str:
-        return generate(self.model, self.data.tokenizer, prompt, n_tokens, self.cfg.model.seq_len,
+    def sample(self, prompt: str, n_tokens: int) -> str | None:
+        """Text from a dense copy of the trained model on rank 0 (collective: all ranks call it)."""
+        params, _ = self.engine.full_state(optimizer=False)
+        if not self.rt.is_main:
+            return None
+        dense = build_model(self.cfg.model, self.cfg.train.seed, self.rt.device)
+        dense.load_state_dict(params, strict=False)
+        return generate(dense, self.data.tokenizer, prompt, n_tokens, self.cfg.model.seq_len,
                         seed=self.cfg.train.seed, device=self.rt.device)
 
     def close(self) -> None:
@@ -260,11 +257,10 @@ def train(cfg: Config, run_dir: Path) -> TrainResult:
         if trainer.state.step >= cfg.train.steps:
             trainer._say(f"already at step {trainer.state.step} of {cfg.train.steps}: nothing to train")
         result = trainer.fit()
-        if runtime.is_main:
-            trainer.log.event("finished", step=result.final_step, val_loss=result.val_loss)
-            if cfg.train.sample_tokens:
-                result.sample = trainer.sample(DEFAULT_PROMPT, cfg.train.sample_tokens)
-                print(f"\n--- sample after {result.final_step} steps ---\n{result.sample}\n---", flush=True)
+        trainer.log.event("finished", step=result.final_step, val_loss=result.val_loss)
+        if cfg.train.sample_tokens:
+            result.sample = trainer.sample(DEFAULT_PROMPT, cfg.train.sample_tokens)
+            trainer._say(f"\n--- sample after {result.final_step} steps ---\n{result.sample}\n---")
         return result
     except Exception as exc:
         trainer.log.event("error", error_type=type(exc).__name__, message=str(exc).splitlines()[0] if str(exc) else "")
