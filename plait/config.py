@@ -44,6 +44,7 @@ class ParallelConfig:
     pp: int = 1
     cp: int = 1
     ep: int = 1
+    sequence_parallel: bool = True  # Megatron sequence parallelism (only matters when tp > 1)
     zero: int = 0  # ZeRO stage: 0 plain data parallel, 1 optimizer state, 2 + gradients, 3 + parameters
     reduce_dtype: Literal["fp32", "bf16"] = "fp32"  # dtype gradients are held and reduced in
     offload: Literal["none", "optimizer"] = "none"  # optimizer: master weights + AdamW state in host memory
@@ -62,6 +63,7 @@ class TrainConfig:
     eval_every: int = 100  # 0: evaluate only at the end
     eval_batches: int = 8  # global batches of the validation split per evaluation
     compile: bool = False
+    recompute: Literal["none", "selective", "full"] = "none"  # activation recomputation in backward
     device: Literal["auto", "cpu", "cuda"] = "auto"
     sample_tokens: int = 200  # length of the sample printed at the end; 0: none
     threads: int = 0  # torch intra-op threads per process; 0: cores / local processes
@@ -284,9 +286,18 @@ def validate(cfg: Config, world_size: int) -> Config:
     if cfg.checkpoint.resume not in ("auto", "never") and not cfg.checkpoint.resume:
         raise ConfigError("checkpoint.resume must be auto, never, or a checkpoint directory")
 
-    for name, degree in (("tp", p.tp), ("pp", p.pp), ("cp", p.cp), ("ep", p.ep)):
+    for name, degree in (("pp", p.pp), ("ep", p.ep)):
         if degree != 1:
-            raise ConfigError(f"parallel.{name}={degree} is not yet supported (only data parallelism is)")
+            raise ConfigError(f"parallel.{name}={degree} is not yet supported (data, tensor and context parallelism are)")
+    if p.cp > 1 and m.seq_len % (2 * p.cp):
+        raise ConfigError(f"model.seq_len={m.seq_len} must be divisible by 2 x parallel.cp = {2 * p.cp} "
+                          "(each context-parallel rank holds two chunks)")
+    if p.tp > 1:
+        from plait.parallel.tensor import check_tensor_parallel  # imported here: it imports this module
+
+        check_tensor_parallel(m, p.tp, p.sequence_parallel, local_seq_len=m.seq_len // p.cp)
+    if t.compile and (p.tp > 1 or p.cp > 1):
+        raise ConfigError("train.compile=true with parallel.tp > 1 or parallel.cp > 1 is not yet supported")
     if p.zero not in (0, 1, 2, 3):
         raise ConfigError(f"parallel.zero={p.zero} must be 0, 1, 2 or 3")
     if p.zero == 3 and t.compile:

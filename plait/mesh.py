@@ -19,6 +19,10 @@ from plait.parallel.comm import Group
 
 # Outermost first; the last dimension varies fastest across consecutive ranks.
 GRID_ORDER = ("pp", "dp", "cp", "tp")
+# The process groups a mesh builds. Parameters are replicated over dp and cp (context
+# parallel ranks hold different tokens of the same sequences), so gradients are reduced,
+# and ZeRO shards, over "dp_cp".
+GROUPS = {"pp": ("pp",), "dp": ("dp",), "cp": ("cp",), "tp": ("tp",), "dp_cp": ("dp", "cp")}
 
 
 @dataclass(frozen=True)
@@ -48,13 +52,15 @@ class ParallelDims:
             rank = rank * self.degree(dim) + coords[dim]
         return rank
 
-    def group_ranks(self, dim: str) -> list[list[int]]:
-        """Every group of `dim`: the ranks that differ only in their `dim` coordinate."""
-        others = [d for d in GRID_ORDER if d != dim]
+    def group_ranks(self, *dims: str) -> list[list[int]]:
+        """Every group over `dims`: the ranks that differ only in those coordinates."""
+        others = [d for d in GRID_ORDER if d not in dims]
+        inner = [d for d in GRID_ORDER if d in dims]
         groups = []
         for fixed in itertools.product(*(range(self.degree(d)) for d in others)):
             base = dict(zip(others, fixed))
-            groups.append([self.rank_of({**base, dim: i}) for i in range(self.degree(dim))])
+            members = itertools.product(*(range(self.degree(d)) for d in inner))
+            groups.append([self.rank_of({**base, **dict(zip(inner, m))}) for m in members])
         return groups
 
 
@@ -74,6 +80,18 @@ class Mesh:
         return self.groups["dp"]
 
     @property
+    def tp(self) -> Group:
+        return self.groups["tp"]
+
+    @property
+    def cp(self) -> Group:
+        return self.groups["cp"]
+
+    @property
+    def dp_cp(self) -> Group:
+        return self.groups["dp_cp"]
+
+    @property
     def world(self) -> Group:
         return self.groups["world"]
 
@@ -89,11 +107,11 @@ class Mesh:
             Group("world", world_ranks, rank, dist.group.WORLD) if dims.world_size > 1
             else Group.single("world", rank)
         )
-        for dim in GRID_ORDER:
-            for ranks in dims.group_ranks(dim):
+        for name, members in GROUPS.items():
+            for ranks in dims.group_ranks(*members):
                 if len(ranks) == 1:
                     if rank in ranks:
-                        groups[dim] = Group.single(dim, rank)
+                        groups[name] = Group.single(name, rank)
                     continue
                 if len(ranks) == dims.world_size:
                     process_group = dist.group.WORLD
@@ -101,7 +119,7 @@ class Mesh:
                     # new_group is collective over the whole world, even for groups we are not in.
                     process_group = dist.new_group(ranks)
                 if rank in ranks:
-                    groups[dim] = Group(dim, ranks, ranks.index(rank), process_group)
+                    groups[name] = Group(name, ranks, ranks.index(rank), process_group)
         return Mesh(dims=dims, rank=rank, coords=dims.coords(rank), groups=groups)
 
     def describe(self) -> str:

@@ -38,7 +38,7 @@ def run_training(overrides: list[str], run_dir: str) -> dict:
         trainer.start()
         result = trainer.fit()
         # Through the engine: under ZeRO-3 the model's own tensors are released slices.
-        digest = params_digest(trainer.engine.full_state(optimizer=False)[0])
+        digest = params_digest(trainer.parallel.full_state(optimizer=False)[0])
     finally:
         trainer.close()
     return {"losses": result.losses, "val_loss": result.val_loss, "digest": digest,

@@ -20,3 +20,8 @@ def test_groups_partition_the_world():
     for dim in ("tp", "cp", "dp", "pp"):
         members = sorted(r for g in dims.group_ranks(dim) for r in g)
         assert members == list(range(8))
+
+
+def test_combined_dp_cp_groups():
+    dims = ParallelDims(dp=2, tp=2, cp=2, pp=1)
+    assert dims.group_ranks("dp", "cp") == [[0, 2, 4, 6], [1, 3, 5, 7]]

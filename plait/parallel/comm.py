@@ -200,6 +200,28 @@ class Comm:
 
         return self._run(group, "send_recv", tag, sent, launch, async_op=True)
 
+    def send_async(self, tensor: torch.Tensor, dst_rank: int, group: Group,
+                   tag: str = "activations", message_tag: int = 0) -> Handle:
+        """Start sending `tensor` to the group's member `dst_rank` (pipeline stage to stage).
+
+        The tensor must stay unchanged until the handle is waited on. `message_tag` must match
+        the receiver's, and keeps messages in flight between the same pair apart."""
+        if group.size == 1:
+            raise ValueError("point-to-point send within a group of one")
+        sent = tensor.numel() * tensor.element_size()
+        dst = group.ranks[dst_rank]
+        launch = lambda: dist.isend(tensor, dst, group=group.process_group, tag=message_tag)  # noqa: E731
+        return self._run(group, "send", tag, sent, launch, async_op=True)
+
+    def recv_async(self, tensor: torch.Tensor, src_rank: int, group: Group,
+                   tag: str = "activations", message_tag: int = 0) -> Handle:
+        """Start receiving into `tensor` (shape and dtype fixed by the caller) from member `src_rank`."""
+        if group.size == 1:
+            raise ValueError("point-to-point receive within a group of one")
+        src = group.ranks[src_rank]
+        launch = lambda: dist.irecv(tensor, src, group=group.process_group, tag=message_tag)  # noqa: E731
+        return self._run(group, "recv", tag, 0, launch, async_op=True)
+
 
 class _AllWorks:
     """Several in-flight works waited on as one (batch_isend_irecv returns one per op)."""

@@ -12,8 +12,8 @@ vocabulary, padded to a multiple of tp (the padded rows are zero, never looked u
 masked out of the loss). Norms enter the tensor-parallel region once for all the
 column-parallel layers they feed, so each block communicates twice forward and twice
 backward. With sequence parallelism norms and residuals hold 1/tp of the sequence, and
-the norm weights' gradients are partial sums that must be all-reduced over tp
-(`all_reduce_partial_grads`, parameters marked `_tp_partial_grad`).
+each norm's weight gradient covers only the local tokens, so the norm sums it over tp
+inside backward and every parameter leaves backward with its whole gradient.
 
 The model's output is this rank's slice of the logits (vocabulary positions
 rank*V_local ... (rank+1)*V_local); `vocab_parallel_cross_entropy` takes the loss from it
@@ -34,7 +34,7 @@ from plait.errors import ConfigError
 from plait.model.init import init_tensor
 from plait.model.llama import RMSNorm, Transformer
 from plait.parallel.comm import Comm, Group
-from plait.parallel.tensor_comm import TAG, enter_tp_region, gather_along, leave_tp_region
+from plait.parallel.tensor_comm import TAG, copy_to_tp, enter_tp_region, gather_along, leave_tp_region
 
 
 @dataclass(frozen=True)
@@ -93,7 +93,31 @@ class ColumnParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.enter_region:
             x = enter_tp_region(x, self.group, self.comm, self.sequence_parallel)
+        regather = getattr(x, "sp_regather", None)
+        if regather is not None and torch.is_grad_enabled():
+            return _LinearOfGathered.apply(x, self.weight, x.sp_local, regather)
         return F.linear(x, self.weight)
+
+
+class _LinearOfGathered(torch.autograd.Function):
+    """x_full Wᵀ where x_full was gathered over the sequence: saves the local slice, not
+    x_full, and re-gathers it (once for all its readers) to form W's gradient."""
+
+    @staticmethod
+    def forward(ctx, x_full: torch.Tensor, weight: torch.Tensor, local: torch.Tensor, regather):
+        ctx.save_for_backward(local, weight)
+        ctx.regather = regather
+        regather.users += 1
+        return F.linear(x_full, weight)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        local, weight = ctx.saved_tensors
+        x_full = ctx.regather.full(local)
+        grad_input = grad_out @ weight
+        grad_weight = grad_out.flatten(0, -2).t() @ x_full.flatten(0, -2).to(grad_out.dtype)
+        ctx.regather.release()
+        return grad_input, grad_weight, None, None
 
 
 class RowParallelLinear(nn.Module):
@@ -140,12 +164,15 @@ class ParallelRegionNorm(RMSNorm):
     def __init__(self, dim: int, eps: float, group: Group, comm: Comm, sequence_parallel: bool):
         super().__init__(dim, eps)
         self.group, self.comm, self.sequence_parallel = group, comm, sequence_parallel
-        # Under sequence parallelism each rank normalises its own part of the sequence, so
-        # its weight gradient covers only those tokens: it must be summed over tp.
-        self.weight._tp_partial_grad = sequence_parallel and group.size > 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return enter_tp_region(super().forward(x), self.group, self.comm, self.sequence_parallel)
+        weight = self.weight
+        if self.sequence_parallel and self.group.size > 1:
+            # Each rank normalises its own part of the sequence, so its weight gradient
+            # covers only those tokens; summing it over tp inside backward makes the
+            # gradient whole on every rank, like any replicated parameter's.
+            weight = copy_to_tp(weight, self.group, self.comm)
+        return enter_tp_region(self.normalize(x) * weight, self.group, self.comm, self.sequence_parallel)
 
 
 def check_tensor_parallel(cfg: ModelConfig, tp: int, sequence_parallel: bool = False, local_seq_len: int | None = None) -> None:
@@ -216,14 +243,6 @@ def apply_tensor_parallel(model: Transformer, group: Group, comm: Comm, sequence
         param.copy_(shard_for_tp(full, info.dim, group.rank, group.size).to(param.device, param.dtype))
         shards[name] = info
     return shards
-
-
-def all_reduce_partial_grads(model: nn.Module, group: Group, comm: Comm) -> None:
-    """Sum over tp the gradients that are partial per rank (norm weights under sequence
-    parallelism). Call after backward, before clipping and the optimizer step."""
-    for param in model.parameters():
-        if getattr(param, "_tp_partial_grad", False) and param.grad is not None:
-            comm.all_reduce(param.grad, group, tag=TAG)
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):

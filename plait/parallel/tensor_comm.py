@@ -73,7 +73,8 @@ class _GatherFromSequenceParallel(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, group: Group, comm: Comm) -> torch.Tensor:
         ctx.group, ctx.comm = group, comm
-        return gather_along(x, SEQ_DIM, group, comm)
+        # Contiguous once here, rather than copied by each of the layers that read it.
+        return gather_along(x, SEQ_DIM, group, comm).contiguous()
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -100,8 +101,36 @@ def reduce_from_tp(x: torch.Tensor, group: Group, comm: Comm) -> torch.Tensor:
     return _ReduceFromTensorParallel.apply(x, group, comm) if group.size > 1 else x
 
 
+class SequenceRegather:
+    """The whole-sequence input of column-parallel layers, rebuilt in backward from the local
+    slice: layers that read a gathered activation save only the slice (Korthikanti et al.:
+    activations 1/tp under sequence parallelism), and the first of them to run backward
+    gathers it again for every other (q/k/v, gate/up), dropping it after the last one."""
+
+    def __init__(self, group: Group, comm: Comm):
+        # No reference to the slice itself: each reader saves it for backward, so that
+        # recomputation can drop it like any other saved activation.
+        self.group, self.comm = group, comm
+        self.users = 0
+        self._full: torch.Tensor | None = None
+
+    def full(self, local: torch.Tensor) -> torch.Tensor:
+        if self._full is None:
+            self._full = gather_along(local, SEQ_DIM, self.group, self.comm).contiguous()
+        return self._full
+
+    def release(self) -> None:
+        self.users -= 1
+        if self.users <= 0:
+            self._full = None
+
+
 def gather_from_sp(x: torch.Tensor, group: Group, comm: Comm) -> torch.Tensor:
-    return _GatherFromSequenceParallel.apply(x, group, comm) if group.size > 1 else x
+    if group.size == 1:
+        return x
+    out = _GatherFromSequenceParallel.apply(x, group, comm)
+    out.sp_local, out.sp_regather = x, SequenceRegather(group, comm)  # read by ColumnParallelLinear
+    return out
 
 
 def reduce_scatter_to_sp(x: torch.Tensor, group: Group, comm: Comm) -> torch.Tensor:

@@ -40,9 +40,10 @@ class ZeroEngine:
     def __init__(
         self, model: nn.Module, comm: Comm, group: Group, optim: OptimConfig, *, stage: int,
         dtype: str, reduce_dtype: str, bucket_bytes: int, device: torch.device, offload: bool = False,
-        units: list[list[str]] | None = None,
+        units: list[list[str]] | None = None, tp_group: Group | None = None,
     ):
         self.model, self.comm, self.group, self.stage = model, comm, group, stage
+        self.tp_group = tp_group
         self.device = device
         self.compute_dtype = DTYPES[dtype]
         shards = group.size if stage >= 1 else 1
@@ -81,6 +82,17 @@ class ZeroEngine:
                 # Norm weights (1-D) are not decayed: decay would pull their scale towards zero.
                 (decay if bucket.params[seg.param_index].ndim >= 2 else no_decay).append(param)
             self.segments.append(segs)
+        # Which owned gradient elements belong to tensor-parallel shards: their squares are
+        # summed over tp for the global norm; replicated parameters (norms) count once.
+        self.tp_masks = None
+        if tp_group is not None and tp_group.size > 1:
+            self.tp_masks = []
+            for b, bucket in enumerate(self.buckets):
+                mask = torch.zeros(bucket.shard_size, dtype=torch.bool, device=device)
+                for seg in bucket.segments(self.owner):
+                    if hasattr(bucket.params[seg.param_index], "_tp_dim"):
+                        mask[seg.shard_start:seg.shard_start + seg.length] = True
+                self.tp_masks.append(mask)
         groups = [{"params": decay, "weight_decay": optim.weight_decay},
                   {"params": no_decay, "weight_decay": 0.0}]
         fused = self.opt_device.type == "cuda"
@@ -121,12 +133,21 @@ class ZeroEngine:
 
     def clip_grad_norm(self, max_norm: float) -> float:
         """Global L2 norm of the gradient (before clipping); scales gradients if it exceeds max_norm."""
-        squares = torch.zeros((), dtype=torch.float32, device=self.device)
+        squares = torch.zeros(2, dtype=torch.float32, device=self.device)  # [tp-sharded, replicated]
         for b in range(len(self.buckets)):
-            squares += self.reducer.grad_shard(b).float().pow(2).sum()
+            grad_squares = self.reducer.grad_shard(b).float().pow(2)
+            if self.tp_masks is not None:
+                squares[0] += grad_squares[self.tp_masks[b]].sum()
+                squares[1] += grad_squares[~self.tp_masks[b]].sum()
+            else:
+                squares[1] += grad_squares.sum()
         if self.stage >= 1:  # disjoint slices: their squares add up to the whole
             self.comm.all_reduce(squares, self.group, tag="grad_norm")
-        norm = float(squares.sqrt())
+        if self.tp_masks is not None:
+            sharded = squares[:1].clone()
+            self.comm.all_reduce(sharded, self.tp_group, tag="grad_norm")
+            squares[0] = sharded[0]
+        norm = float(squares.sum().sqrt())
         if max_norm > 0 and math.isfinite(norm):
             coef = max_norm / (norm + 1e-6)
             if coef < 1.0:

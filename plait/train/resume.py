@@ -10,13 +10,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
+
 from plait import config as config_mod
 from plait.errors import CheckpointError
 from plait.train import checkpoint as ckpt
-from plait.parallel.zero import ZeroEngine
 
 
 @dataclass
@@ -95,8 +95,8 @@ def check_compatible(path: Path, cfg: config_mod.Config) -> list[str]:
     return warnings
 
 
-def restore(path: Path, engine: ZeroEngine, rank: int) -> TrainState:
-    """Load a checkpoint written by any layout into this rank's part of `engine`."""
+def restore(path: Path, load_full_state: Callable[[dict, dict], None], rank: int) -> TrainState:
+    """Load a checkpoint written by any layout; `load_full_state` takes this rank's pieces."""
     try:
         weights = ckpt.read_file(path, "model.pt")
         optim_state = ckpt.read_file(path, "optimizer.pt")
@@ -105,7 +105,7 @@ def restore(path: Path, engine: ZeroEngine, rank: int) -> TrainState:
     except Exception as exc:  # a file that passed its checksum but does not load is still unusable
         raise CheckpointError(f"checkpoint {path} cannot be read: {exc}") from None
     try:
-        engine.load_full_state(weights, optim_state)
+        load_full_state(weights, optim_state)
     except KeyError as exc:
         raise CheckpointError(f"checkpoint {path} does not match the model: {exc.args[0]}") from None
     states = rng["torch_cpu"]

@@ -10,12 +10,12 @@ the mean loss over the global batch whatever dp and gradient accumulation are.
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from plait import config as config_mod
 from plait.config import Config, accumulation_steps
@@ -23,8 +23,8 @@ from plait.data import GlobalSampler, PreparedData, ensure_prepared, eval_starts
 from plait.mesh import Mesh, ParallelDims
 from plait.model import build_model, count_parameters
 from plait.parallel.comm import BOOKKEEPING, Comm
-from plait.parallel.zero import ZeroEngine
-from plait.parallel.zero3 import Zero3Gatherer, transformer_units
+from plait.parallel.parallelize import parallelize
+from plait.parallel.recompute import count_saved_activation_bytes
 from plait.train import checkpoint as ckpt
 from plait.train.flops import flops_per_token, peak_flops
 from plait.train.metrics import Progress, RunLog
@@ -53,15 +53,9 @@ class Trainer:
         )
         self.data = self._load_data()
         self.model = build_model(cfg.model, cfg.train.seed, runtime.device)
-        self.n_params = count_parameters(self.model)  # before ZeRO-3 turns parameters into slices
-        self.engine = ZeroEngine(
-            self.model, self.comm, self.mesh.dp, cfg.optim, stage=cfg.parallel.zero, dtype=cfg.train.dtype,
-            reduce_dtype=cfg.parallel.reduce_dtype, bucket_bytes=int(cfg.parallel.bucket_mb * 2**20),
-            device=runtime.device, offload=cfg.parallel.offload == "optimizer",
-            units=transformer_units(self.model) if cfg.parallel.zero == 3 else None,
-        )
-        if cfg.parallel.zero == 3:
-            Zero3Gatherer(self.engine, self.model)
+        self.n_params = count_parameters(self.model)  # of the dense model, before any sharding
+        self.parallel = parallelize(self.model, cfg, self.mesh, self.comm, runtime.device)
+        self.engine = self.parallel.engine
         self.forward = torch.compile(self.model) if cfg.train.compile else self.model
         self.sampler = GlobalSampler(len(self.data.train), cfg.model.seq_len, cfg.train.global_batch, cfg.train.seed)
         self.val_starts = eval_starts(len(self.data.val), cfg.model.seq_len, cfg.train.eval_batches * cfg.train.global_batch)
@@ -106,7 +100,7 @@ class Trainer:
             self.log.event("warning", message=warning)
             self._say(f"warning: {warning}")
         if path is not None:
-            self.state = restore(Path(path), self.engine, self.rt.rank)
+            self.state = restore(Path(path), self.parallel.load_full_state, self.rt.rank)
             dropped = self.log.truncate_metrics(self.state.step)
             self.log.event("resumed", checkpoint=path, step=self.state.step, dropped_metric_rows=dropped)
             self._say(f"resumed from {path} at step {self.state.step}")
@@ -130,25 +124,34 @@ class Trainer:
         mine = starts[self.mesh.dp.rank * per_rank:(self.mesh.dp.rank + 1) * per_rank]
         return np.split(mine, self.accum)
 
-    def train_step(self, step: int) -> tuple[torch.Tensor, float, float]:
-        """Forward and backward over this rank's micro-batches, gradient sync, clip, update."""
+    def _batch(self, tokens: np.ndarray, starts: np.ndarray):
+        inputs, targets = (t.to(self.rt.device, non_blocking=True)
+                           for t in get_batch(tokens, starts, self.cfg.model.seq_len))
+        return self.parallel.local_batch(inputs, targets)
+
+    def train_step(self, step: int) -> tuple[torch.Tensor, float, float, int]:
+        """Forward and backward over this rank's micro-batches, gradient sync, clip, update.
+
+        Also returns the bytes the first micro-batch saved for backward (activation_bytes).
+        """
         lr = lr_at(step, self.cfg.optim, self.cfg.train)
         micro_batches = self._micro_batches(self.sampler.global_batch_starts(step))
         local_loss = torch.zeros((), device=self.rt.device)
+        activation_bytes = 0
         for index, rows in enumerate(micro_batches):
-            inputs, targets = (t.to(self.rt.device, non_blocking=True)
-                               for t in get_batch(self.data.train, rows, self.cfg.model.seq_len))
+            inputs, targets, positions = self._batch(self.data.train, rows)
             with self.engine.micro_batch(final=index == len(micro_batches) - 1):
-                logits = self.forward(inputs)
-                # The loss is taken in fp32 whatever the compute dtype.
-                loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum")
-                loss = loss / self.tokens_per_step
+                with count_saved_activation_bytes(self.model.parameters()) if index == 0 else nullcontext() as saved:
+                    logits = self.forward(inputs, positions)
+                    loss = self.parallel.loss_sum(logits, targets) / self.tokens_per_step
+                if index == 0:
+                    activation_bytes = saved.bytes
                 loss.backward()
             local_loss += loss.detach()
         grad_norm = self.engine.clip_grad_norm(self.cfg.optim.grad_clip)
         self.engine.step(lr)
         self.engine.zero_grad()
-        return local_loss, grad_norm, lr
+        return local_loss, grad_norm, lr, activation_bytes
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -159,25 +162,26 @@ class Trainer:
         mine = starts[self.mesh.dp.rank * per_rank:(self.mesh.dp.rank + 1) * per_rank]
         totals = torch.zeros(2, dtype=torch.float64, device=self.rt.device)
         for chunk in np.array_split(mine, -(-len(mine) // self.cfg.train.micro_batch)):
-            inputs, targets = (t.to(self.rt.device) for t in get_batch(self.data.val, chunk, self.cfg.model.seq_len))
-            logits = self.forward(inputs)
-            totals[0] += F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum").double()
+            inputs, targets, positions = self._batch(self.data.val, chunk)
+            totals[0] += self.parallel.loss_sum(self.forward(inputs, positions), targets).double()
             totals[1] += targets.numel()
-        self.comm.all_reduce(totals, self.mesh.dp, tag=BOOKKEEPING)
+        # Context-parallel ranks hold different tokens; tensor-parallel ones the same.
+        self.comm.all_reduce(totals, self.mesh.dp_cp, tag=BOOKKEEPING)
         return float(totals[0] / totals[1])
 
-    def _gather_step_stats(self, local_loss: torch.Tensor) -> tuple[float, int, int, int]:
-        """Global loss (sum over ranks) and the largest state, memory and traffic of any rank."""
+    def _gather_step_stats(self, local_loss: torch.Tensor, activation_bytes: int) -> dict[str, float | int]:
+        """Global loss and the largest state, activations, memory and traffic of any rank."""
         local = torch.tensor(
-            [float(local_loss), self.engine.state_bytes(), peak_memory_bytes(self.rt.device), self.comm.take_bytes()],
-            dtype=torch.float64, device=self.rt.device,
+            [float(local_loss), self.engine.state_bytes(), activation_bytes, peak_memory_bytes(self.rt.device),
+             self.comm.take_bytes()], dtype=torch.float64, device=self.rt.device,
         )
-        gathered = torch.empty(self.mesh.world.size * 4, dtype=torch.float64, device=self.rt.device)
+        gathered = torch.empty(self.mesh.world.size * local.numel(), dtype=torch.float64, device=self.rt.device)
         self.comm.all_gather_into(gathered, local, self.mesh.world, tag=BOOKKEEPING)
-        rows = gathered.view(-1, 4)
-        # Only dp ranks hold distinct loss parts (tp/cp/pp peers will share theirs).
-        loss = float(rows[:, 0].sum()) * self.mesh.dp.size / self.mesh.world.size
-        return loss, int(rows[:, 1].max()), int(rows[:, 2].max()), int(rows[:, 3].max())
+        rows = gathered.view(self.mesh.world.size, -1)
+        # dp and cp ranks hold different tokens' losses; tensor-parallel peers hold the same one.
+        biggest = rows[:, 1:].max(dim=0).values.tolist()
+        return {"loss": float(rows[:, 0].sum()) / self.mesh.tp.size, "state_bytes": int(biggest[0]),
+                "activation_bytes": int(biggest[1]), "peak_mem_bytes": int(biggest[2]), "comm_bytes": int(biggest[3])}
 
     # --- the loop ---------------------------------------------------------------------------
     def fit(self) -> TrainResult:
@@ -188,11 +192,12 @@ class Trainer:
         try:
             for step in range(self.state.step + 1, cfg.train.steps + 1):
                 started = time.perf_counter()
-                local_loss, grad_norm, lr = self.train_step(step)
+                local_loss, grad_norm, lr, activation_bytes = self.train_step(step)
                 if self.rt.device.type == "cuda":
                     torch.cuda.synchronize(self.rt.device)
                 step_time = time.perf_counter() - started
-                loss, state_bytes, peak_mem, comm_bytes = self._gather_step_stats(local_loss)
+                stats = self._gather_step_stats(local_loss, activation_bytes)
+                loss = stats.pop("loss")
                 self.state.step, self.state.tokens = step, self.state.tokens + self.tokens_per_step
                 tokens_per_s = self.tokens_per_step / step_time
                 row = {
@@ -200,7 +205,7 @@ class Trainer:
                     "tokens": self.state.tokens, "step_time_s": step_time, "tokens_per_s": tokens_per_s,
                     "mfu": (tokens_per_s * self.flops_per_token / (self.peak * self.rt.world_size)
                             if self.peak else None),
-                    "state_bytes": state_bytes, "peak_mem_bytes": peak_mem, "comm_bytes": comm_bytes,
+                    **stats,
                 }
                 if step == cfg.train.steps or (cfg.train.eval_every and step % cfg.train.eval_every == 0):
                     row["val_loss"] = result.val_loss = self.evaluate()
@@ -220,7 +225,7 @@ class Trainer:
 
     def save_checkpoint(self) -> None:
         rng_states = self.comm.all_gather_object(torch.get_rng_state(), self.mesh.world)
-        params, optim = self.engine.full_state()
+        params, optim = self.parallel.full_state()
         if self.rt.is_main:
             files = checkpoint_files(params, optim, self.state, self.cfg, rng_states,
                                      self.data.tokenizer.to_json(), self.mesh.describe())
@@ -233,7 +238,7 @@ class Trainer:
 
     def sample(self, prompt: str, n_tokens: int) -> str | None:
         """Text from a dense copy of the trained model on rank 0 (collective: all ranks call it)."""
-        params, _ = self.engine.full_state(optimizer=False)
+        params, _ = self.parallel.full_state(optimizer=False)
         if not self.rt.is_main:
             return None
         dense = build_model(self.cfg.model, self.cfg.train.seed, self.rt.device)

@@ -1,0 +1,47 @@
+"""Full, layout-free tensors from this rank's pieces, and this rank's pieces from them.
+
+Checkpoints, samples and exports use full tensors keyed by parameter name. A rank holds
+pieces of them in two ways: ZeRO slices over the data-parallel group (the engine gathers
+those) and tensor-parallel shards (gathered here, with the vocabulary padding removed).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from plait.parallel.comm import CHECKPOINT, Comm, Group
+from plait.parallel.tensor import TensorShard, gather_full, shard_for_tp
+from plait.parallel.zero import ZeroEngine
+
+MOMENTS = ("exp_avg", "exp_avg_sq")
+State = tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]
+
+
+def gather_full_state(engine: ZeroEngine, tp_shards: dict[str, TensorShard], tp_group: Group, comm: Comm,
+                      optimizer: bool = True) -> State:
+    """Every parameter and (optionally) its AdamW state in full, on every rank (collective)."""
+    params, optim = engine.full_state(optimizer=optimizer)
+    if tp_group.size > 1:
+        def gather(t: torch.Tensor, info: TensorShard) -> torch.Tensor:
+            return gather_full(t.to(engine.device), info, tp_group, comm, tag=CHECKPOINT).cpu()
+
+        for name, info in tp_shards.items():
+            params[name] = gather(params[name], info)
+            for key in MOMENTS if name in optim else ():
+                optim[name][key] = gather(optim[name][key], info)
+    return params, optim
+
+
+def local_state(params: dict[str, torch.Tensor], optim: dict[str, dict[str, torch.Tensor]],
+                tp_shards: dict[str, TensorShard], tp_group: Group) -> State:
+    """This tensor-parallel rank's shards of full tensors (what the engine then slices further)."""
+    if tp_group.size == 1:
+        return params, optim
+    params, optim = dict(params), {n: dict(s) for n, s in optim.items()}
+    for name, info in tp_shards.items():
+        if name not in params:
+            continue
+        params[name] = shard_for_tp(params[name], info.dim, tp_group.rank, tp_group.size)
+        for key in MOMENTS if name in optim else ():
+            optim[name][key] = shard_for_tp(optim[name][key], info.dim, tp_group.rank, tp_group.size)
+    return params, optim
