@@ -42,6 +42,10 @@ class ParallelConfig:
     dp: int = 0  # 0: the world size divided by tp x cp x pp
     tp: int = 1
     pp: int = 1
+    pp_microbatches: int = 0  # micro-batches per step in the pipeline; 0: global_batch / (dp x micro_batch)
+    pp_schedule: Literal["gpipe", "1f1b", "interleaved", "zb"] = "1f1b"
+    pp_virtual_stages: int = 1  # model chunks per pipeline rank (interleaved schedule)
+    pp_layers: list[int] = field(default_factory=list)  # layers per virtual stage; []: balanced by cost
     cp: int = 1
     ep: int = 1
     sequence_parallel: bool = True  # Megatron sequence parallelism (only matters when tp > 1)
@@ -101,6 +105,7 @@ class CheckpointConfig:
 class LogConfig:
     every: int = 10  # steps between console lines (metrics.jsonl gets every step)
     tensorboard: bool = True
+    trace: bool = False  # write a Chrome/Perfetto trace per rank (trace-rank{R}.json)
     progress: Literal["auto", "rich", "plain", "none"] = "auto"
 
 
@@ -208,6 +213,13 @@ def _coerce(name: str, value: Any, annotation: Any) -> Any:
         if not isinstance(value, (list, tuple)) or len(value) != len(item_types):
             raise ConfigError(f"{name}={value!r} must be a list of {len(item_types)} numbers")
         return tuple(_coerce(name, v, t) for v, t in zip(value, item_types))
+    if origin is list:
+        (item_type,) = typing.get_args(annotation)
+        if isinstance(value, str):
+            value = _parse_literal(f"[{value.strip('[]')}]")
+        if not isinstance(value, list):
+            raise ConfigError(f"{name}={value!r} must be a list")
+        return [_coerce(name, v, item_type) for v in value]
     if origin in (typing.Union, types.UnionType):
         raise TypeError(f"config field {name} uses an unsupported union type")
     if annotation is bool:
@@ -286,9 +298,8 @@ def validate(cfg: Config, world_size: int) -> Config:
     if cfg.checkpoint.resume not in ("auto", "never") and not cfg.checkpoint.resume:
         raise ConfigError("checkpoint.resume must be auto, never, or a checkpoint directory")
 
-    for name, degree in (("pp", p.pp), ("ep", p.ep)):
-        if degree != 1:
-            raise ConfigError(f"parallel.{name}={degree} is not yet supported (data, tensor and context parallelism are)")
+    if p.ep != 1:
+        raise ConfigError(f"parallel.ep={p.ep} is not yet supported (data, tensor, context and pipeline parallelism are)")
     if p.cp > 1 and m.seq_len % (2 * p.cp):
         raise ConfigError(f"model.seq_len={m.seq_len} must be divisible by 2 x parallel.cp = {2 * p.cp} "
                           "(each context-parallel rank holds two chunks)")
@@ -296,8 +307,8 @@ def validate(cfg: Config, world_size: int) -> Config:
         from plait.parallel.tensor import check_tensor_parallel  # imported here: it imports this module
 
         check_tensor_parallel(m, p.tp, p.sequence_parallel, local_seq_len=m.seq_len // p.cp)
-    if t.compile and (p.tp > 1 or p.cp > 1):
-        raise ConfigError("train.compile=true with parallel.tp > 1 or parallel.cp > 1 is not yet supported")
+    if t.compile and (p.tp > 1 or p.cp > 1 or p.pp > 1):
+        raise ConfigError("train.compile=true with parallel.tp, cp or pp > 1 is not yet supported")
     if p.zero not in (0, 1, 2, 3):
         raise ConfigError(f"parallel.zero={p.zero} must be 0, 1, 2 or 3")
     if p.zero == 3 and t.compile:
@@ -321,7 +332,35 @@ def validate(cfg: Config, world_size: int) -> Config:
             f"train.global_batch={t.global_batch} is not divisible by "
             f"train.micro_batch={t.micro_batch} x dp={p.dp}"
         )
+    if p.pp > 1:
+        _validate_pipeline(cfg)
     return cfg
+
+
+def _validate_pipeline(cfg: Config) -> None:
+    """The pipeline runs `parallel.pp_microbatches` micro-batches per step (the accumulation steps)."""
+    from plait.parallel.partition import check_explicit_split  # imported here: they import this module
+    from plait.parallel.schedules import check_schedule_config
+
+    p, t = cfg.parallel, cfg.train
+    accumulation = t.global_batch // (t.micro_batch * p.dp)
+    if p.pp_microbatches == 0:
+        p.pp_microbatches = accumulation
+    elif p.pp_microbatches != accumulation:
+        raise ConfigError(
+            f"parallel.pp_microbatches={p.pp_microbatches} != train.global_batch / (train.micro_batch x dp) "
+            f"= {accumulation}; set train.micro_batch={t.global_batch // (p.dp * p.pp_microbatches)} or leave "
+            "pp_microbatches at 0")
+    if p.zero == 3:
+        raise ConfigError("parallel.zero=3 with parallel.pp > 1 is not yet supported (zero 0-2 are)")
+    reason = check_schedule_config(p.pp, p.pp_microbatches, p.pp_virtual_stages, cfg.model.n_layers, p.pp_schedule)
+    if reason:
+        raise ConfigError(reason)
+    if p.pp_layers:
+        try:
+            check_explicit_split(p.pp_layers, cfg.model.n_layers, p.pp * p.pp_virtual_stages)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
 
 
 def accumulation_steps(cfg: Config) -> int:

@@ -50,7 +50,8 @@ def test_resolved_config_round_trips_through_toml(tmp_path):
     ("parallel.tp=4", 4, "model.n_kv_heads=2 < parallel.tp=4"),
     ("parallel.cp=3", 3, "model.seq_len=128 must be divisible by 2 x parallel.cp = 6"),
     ("train.recompute=some", 1, "train.recompute='some' is not one of none, selective, full"),
-    ("parallel.pp=2", 2, "parallel.pp=2 is not yet supported"),
+    ("parallel.ep=2", 2, "parallel.ep=2 is not yet supported"),
+    ("parallel.pp_schedule=zz", 2, "parallel.pp_schedule='zz' is not one of"),
     ("parallel.reduce_dtype=fp16", 2, "parallel.reduce_dtype='fp16' is not one of fp32, bf16"),
     ("parallel.zero=5", 2, "parallel.zero=5 must be 0, 1, 2 or 3"),
     ("model.n_heads=3", 1, "model.dim=128 is not divisible by model.n_heads=3"),
@@ -70,6 +71,18 @@ def test_bad_values_name_the_field(override, world, message):
 def test_micro_batch_must_divide_the_per_rank_batch():
     with pytest.raises(ConfigError, match="train.global_batch=12 is not divisible by train.micro_batch=8 x dp=2"):
         validate(load_config("tiny", ["train.global_batch=12", "train.micro_batch=8"]), world_size=2)
+
+
+@pytest.mark.parametrize("overrides, world, message", [
+    (["parallel.pp=4", "parallel.pp_schedule=interleaved", "parallel.pp_virtual_stages=2", "train.micro_batch=4"], 4,
+     "model.n_layers=4 is fewer than the 8 pipeline stages"),
+    (["parallel.pp=2", "parallel.pp_layers=[2,1]", "train.micro_batch=4"], 2, "parallel.pp_layers"),
+    (["parallel.pp=2", "parallel.pp_microbatches=3", "train.micro_batch=4"], 2, "parallel.pp_microbatches=3 !="),
+    (["parallel.pp=2", "parallel.zero=3", "train.micro_batch=4"], 2, "parallel.zero=3 with parallel.pp > 1"),
+])
+def test_impossible_pipelines_are_config_errors(overrides, world, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
+        validate(load_config("tiny", overrides), world_size=world)
 
 
 def test_zero3_with_compile_is_rejected_clearly():

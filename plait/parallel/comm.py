@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -59,9 +59,11 @@ class CollectiveRecord:
 class Handle:
     """An in-flight collective; `wait()` blocks until it is done and records when it left."""
 
-    def __init__(self, work: Any, record: CollectiveRecord | None):
+    def __init__(self, work: Any, record: CollectiveRecord | None,
+                 on_done: Callable[[CollectiveRecord], None] | None = None):
         self._work = work
         self._record = record
+        self._on_done = on_done
 
     def wait(self) -> None:
         if self._work is not None:
@@ -69,6 +71,8 @@ class Handle:
             self._work = None
         if self._record is not None and self._record.left is None:
             self._record.left = time.monotonic()
+            if self._on_done is not None:
+                self._on_done(self._record)
 
 
 @dataclass
@@ -79,6 +83,8 @@ class Comm:
     sequence: Counter = field(default_factory=Counter)  # per group name
     bytes_by_tag: Counter = field(default_factory=Counter)
     calls: int = 0
+    # Called with each finished record (tracing, fault detection); keep them cheap.
+    observers: list[Callable[[CollectiveRecord], None]] = field(default_factory=list)
 
     # --- accounting -------------------------------------------------------------------
     def _enter(self, group: Group, op: str, tag: str, bytes_sent: float) -> CollectiveRecord:
@@ -92,6 +98,10 @@ class Comm:
         self.history.append(record)
         return record
 
+    def _finished(self, record: CollectiveRecord) -> None:
+        for observer in self.observers:
+            observer(record)
+
     def take_bytes(self) -> int:
         """Bytes sent since the last call, unmetered tags excluded; resets the counters."""
         total = sum(n for tag, n in self.bytes_by_tag.items() if tag not in UNMETERED)
@@ -100,7 +110,7 @@ class Comm:
 
     def _run(self, group: Group, op: str, tag: str, bytes_sent: float, launch, async_op: bool) -> Handle | None:
         record = self._enter(group, op, tag, bytes_sent)
-        handle = Handle(launch(), record)
+        handle = Handle(launch(), record, self._finished if self.observers else None)
         if async_op:
             return handle
         handle.wait()

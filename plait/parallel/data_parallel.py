@@ -39,6 +39,7 @@ class GradientReducer:
         self.shard, self.resident, self.reduce_dtype = shard, resident, reduce_dtype
         self.on_bucket_reduced = on_bucket_reduced
         self._sync = True
+        self._deferred = False
         self._index = {id(p): (b, i) for b, bucket in enumerate(buckets) for i, p in enumerate(bucket.params)}
         self.full: list[torch.Tensor | None] = []  # resident full buffers
         self.shards: list[torch.Tensor | None] = []  # sharded-mode gradient shards
@@ -77,14 +78,29 @@ class GradientReducer:
         if sync:  # not reached when backward raised: no collective after a failure
             self._flush()
 
+    @contextmanager
+    def deferred(self) -> Iterator[None]:
+        """Let backward passes accumulate into `.grad` untouched; `flush()` reduces afterwards.
+
+        For a pipeline, whose micro-batches interleave, so no hook can tell the last one.
+        """
+        self._deferred = True
+        try:
+            yield
+        finally:
+            self._deferred = False
+
+    def flush(self) -> None:
+        """Reduce every bucket now (after `deferred` backward passes)."""
+        self._flush()
+
     # --- backward hooks ---------------------------------------------------------------
     def _on_grad_ready(self, param: torch.nn.Parameter) -> None:
         b, i = self._index[id(param)]
+        if self._deferred:  # flush() takes the gradients from `.grad` afterwards
+            return
         if self.resident and not self._zero_copy[b]:
-            bucket = self.buckets[b]
-            offset = bucket.offsets[i]
-            self.full[b][offset:offset + param.numel()] += param.grad.flatten()
-            param.grad = None
+            self._absorb(b, i)
         if not self._sync:
             return
         self._pending[b] -= 1
@@ -96,8 +112,18 @@ class GradientReducer:
             self._launch(self._next)
             self._next += 1
 
+    def _absorb(self, b: int, i: int) -> None:
+        """Add a parameter's `.grad` (another dtype than the buffer) into its resident bucket."""
+        param, offset = self.buckets[b].params[i], self.buckets[b].offsets[i]
+        if param.grad is not None:
+            self.full[b][offset:offset + param.numel()] += param.grad.flatten()
+            param.grad = None
+
     def _launch(self, b: int) -> None:
         bucket = self.buckets[b]
+        if self.resident and not self._zero_copy[b]:
+            for i in range(len(bucket.params)):
+                self._absorb(b, i)
         if self.resident:
             full, out = self.full[b], None
             if not self.shard:

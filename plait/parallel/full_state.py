@@ -18,26 +18,37 @@ State = tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]
 
 
 def gather_full_state(engine: ZeroEngine, tp_shards: dict[str, TensorShard], tp_group: Group, comm: Comm,
-                      optimizer: bool = True) -> State:
-    """Every parameter and (optionally) its AdamW state in full, on every rank (collective)."""
+                      optimizer: bool = True, pp_group: Group | None = None) -> State:
+    """Every parameter and (optionally) its AdamW state in full, on every rank (collective).
+
+    Pipeline stages hold different parameters: their dictionaries are merged (the tied
+    embedding's two copies are identical, so either serves)."""
     params, optim = engine.full_state(optimizer=optimizer)
     if tp_group.size > 1:
         def gather(t: torch.Tensor, info: TensorShard) -> torch.Tensor:
             return gather_full(t.to(engine.device), info, tp_group, comm, tag=CHECKPOINT).cpu()
 
         for name, info in tp_shards.items():
+            if name not in params:  # another pipeline stage's (tp peers share a stage: same names)
+                continue
             params[name] = gather(params[name], info)
             for key in MOMENTS if name in optim else ():
                 optim[name][key] = gather(optim[name][key], info)
+    if pp_group is not None and pp_group.size > 1:
+        for stage_params, stage_optim in comm.all_gather_object((params, optim), pp_group, tag=CHECKPOINT):
+            params.update(stage_params)
+            optim.update(stage_optim)
     return params, optim
 
 
 def local_state(params: dict[str, torch.Tensor], optim: dict[str, dict[str, torch.Tensor]],
-                tp_shards: dict[str, TensorShard], tp_group: Group) -> State:
-    """This tensor-parallel rank's shards of full tensors (what the engine then slices further)."""
+                tp_shards: dict[str, TensorShard], tp_group: Group, names: set[str]) -> State:
+    """This rank's parameters (its pipeline stage's only) as tensor-parallel shards of the full
+    tensors: what the engine then slices further."""
+    params = {n: t for n, t in params.items() if n in names}
+    optim = {n: dict(s) for n, s in optim.items() if n in names}
     if tp_group.size == 1:
         return params, optim
-    params, optim = dict(params), {n: dict(s) for n, s in optim.items()}
     for name, info in tp_shards.items():
         if name not in params:
             continue

@@ -3,11 +3,12 @@
 1. tensor parallel (+ sequence parallel): shard the layers over the tp group (tensor.py);
 2. context parallel: attention becomes ring attention over the cp group (context.py);
 3. activation recomputation (recompute.py);
-4. data parallel with ZeRO over dp x cp (zero.py; ZeRO-3 gathering in zero3.py).
+4. pipeline parallel: keep this rank's stage of the model, run by a schedule (pipeline.py);
+5. data parallel with ZeRO over dp x cp (zero.py; ZeRO-3 gathering in zero3.py).
 
 The result, `ParallelModel`, also answers the questions the training loop has that depend on
-the layout: which part of a batch this rank computes, how the loss is taken, and how the
-full, layout-free state is gathered for checkpoints and loaded back.
+the layout: which part of a batch this rank computes, how a step and the loss are run, and
+how the full, layout-free state is gathered for checkpoints and loaded back.
 """
 
 from __future__ import annotations
@@ -21,8 +22,11 @@ from torch import nn
 from plait.config import Config
 from plait.mesh import Mesh
 from plait.parallel.comm import Comm
-from plait.parallel.context import apply_context_parallel, split_for_cp
+from plait.parallel.context import apply_context_parallel, cp_positions, split_for_cp
 from plait.parallel.full_state import State, gather_full_state, local_state
+from plait.parallel.partition import head_cost_in_layers, partition_layers
+from plait.parallel.pipeline import PipelineRunner, gather_pp_bubble, pipeline_forward
+from plait.parallel.pipeline_stage import StageModule, tied_embedding_group
 from plait.parallel.recompute import apply_recompute
 from plait.parallel.tensor import TensorShard, apply_tensor_parallel, vocab_parallel_cross_entropy
 from plait.parallel.zero import ZeroEngine
@@ -37,6 +41,12 @@ class ParallelModel:
     mesh: Mesh
     comm: Comm
     vocab_size: int
+    runner: PipelineRunner | None = None  # pipeline parallel only
+    tied_group: object = None  # the first and last pipeline rank, when embeddings are tied
+
+    @property
+    def stage(self) -> StageModule | None:
+        return self.runner.stage if self.runner else None
 
     def local_batch(self, inputs: torch.Tensor, targets: torch.Tensor
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -56,10 +66,35 @@ class ParallelModel:
 
     def full_state(self, optimizer: bool = True) -> State:
         """Full tensors by parameter name, on every rank (collective over the whole mesh)."""
-        return gather_full_state(self.engine, self.tp_shards, self.mesh.tp, self.comm, optimizer)
+        return gather_full_state(self.engine, self.tp_shards, self.mesh.tp, self.comm, optimizer,
+                                 pp_group=self.mesh.groups["pp"])
 
     def load_full_state(self, params: dict[str, torch.Tensor], optim: dict[str, dict[str, torch.Tensor]]) -> None:
-        self.engine.load_full_state(*local_state(params, optim, self.tp_shards, self.mesh.tp))
+        names = {n for n, _ in self.model.named_parameters()}
+        self.engine.load_full_state(*local_state(params, optim, self.tp_shards, self.mesh.tp, names))
+
+    def pipeline_step(self, batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]],
+                      tokens_per_step: int) -> torch.Tensor:
+        """All micro-batches of a step through the pipeline schedule, then the gradient reduction.
+        Returns this rank's share of the loss (non-zero on the last stage only)."""
+        with self.engine.deferred():  # micro-batches interleave: reduce once, after all of them
+            loss = self.runner.step([b[0] for b in batches], [b[1] for b in batches],
+                                    lambda logits, targets: self.loss_sum(logits, targets) / tokens_per_step)
+        self.runner.stage.sync_tied_grads(self.comm, self.tied_group)
+        self.engine.sync_gradients()
+        return loss
+
+    def forward(self, inputs: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor | None:
+        """Logits for evaluation; under pipeline parallelism only on the last stage (else None)."""
+        if self.runner is None:
+            return self.model(inputs, positions)
+        return pipeline_forward(self.runner.stage, self.mesh.groups["pp"], self.comm, inputs,
+                                self.runner.activation_shape, self.runner.dtype, self.runner.positions)
+
+    def pp_bubble(self) -> float | None:
+        if self.runner is None or self.runner.last_stats is None:
+            return None
+        return gather_pp_bubble(self.comm, self.mesh.groups["pp"], self.runner.last_stats)
 
 
 def parallelize(model: nn.Module, cfg: Config, mesh: Mesh, comm: Comm, device: torch.device) -> ParallelModel:
@@ -73,11 +108,38 @@ def parallelize(model: nn.Module, cfg: Config, mesh: Mesh, comm: Comm, device: t
         apply_context_parallel(model, mesh.cp, comm)
     if cfg.train.recompute != "none":
         apply_recompute(model, cfg.train.recompute)
+    runner, tied_group, norm_exclude = None, None, frozenset()
+    if p.pp > 1:
+        runner, tied_group = _pipeline(model, cfg, mesh, comm)
+        model = runner.stage
+        if runner.stage.tied and runner.stage.holds_head and not runner.stage.holds_embedding:
+            norm_exclude = frozenset({"embed.weight"})  # the last stage's copy: count it once
     engine = ZeroEngine(
         model, comm, mesh.dp_cp, cfg.optim, stage=p.zero, dtype=cfg.train.dtype, reduce_dtype=p.reduce_dtype,
         bucket_bytes=int(p.bucket_mb * 2**20), device=device, offload=p.offload == "optimizer",
         units=transformer_units(model) if p.zero == 3 else None, tp_group=mesh.tp,
+        pp_group=mesh.groups["pp"], norm_exclude=norm_exclude,
     )
     if p.zero == 3:
         Zero3Gatherer(engine, model)
-    return ParallelModel(model, engine, tp_shards, mesh, comm, cfg.model.vocab_size)
+    if runner is not None:
+        runner.dtype = engine.compute_dtype  # the engine may have cast parameters to bf16
+    return ParallelModel(model, engine, tp_shards, mesh, comm, cfg.model.vocab_size, runner, tied_group)
+
+
+def _pipeline(model: nn.Module, cfg: Config, mesh: Mesh, comm: Comm) -> tuple[PipelineRunner, object]:
+    p, m = cfg.parallel, cfg.model
+    head_cost = head_cost_in_layers(m.dim, m.ffn_dim, m.vocab_size, m.seq_len, m.n_heads, m.n_kv_heads)
+    layers = partition_layers(m.n_layers, p.pp, p.pp_virtual_stages, explicit=p.pp_layers or None,
+                              head_cost=head_cost)
+    stage = StageModule(model, rank=mesh.coords["pp"], pp=p.pp, stage_layers=layers)
+    # Collective over the world: every rank builds every pipeline's {first, last} group.
+    tied_group = tied_embedding_group(mesh.dims.group_ranks("pp"), mesh.rank)
+    seq = m.seq_len // p.cp // (p.tp if p.tp > 1 and p.sequence_parallel else 1)
+    # Explicit positions: a stage cannot infer them from hidden states that sequence parallelism
+    # has split; under context parallelism they are this rank's global token positions.
+    positions = cp_positions(m.seq_len, mesh.cp.rank, p.cp, device=next(stage.parameters()).device)
+    runner = PipelineRunner(stage, mesh.groups["pp"], comm, p.pp_schedule, p.pp_microbatches,
+                            p.pp_virtual_stages, (cfg.train.micro_batch, seq, m.dim), torch.float32,
+                            positions=positions)
+    return runner, tied_group

@@ -256,3 +256,27 @@ def _accumulate(param: torch.Tensor, grad: torch.Tensor | None) -> None:
         param.grad = grad.detach().clone()
     else:
         param.grad += grad
+
+
+@torch.no_grad()
+def pipeline_forward(stage: StageModule, group: Group, comm: Comm, tokens: torch.Tensor | None,
+                     activation_shape: tuple[int, int, int], dtype: torch.dtype,
+                     positions: torch.Tensor | None = None) -> torch.Tensor | None:
+    """Forward only, for evaluation: the virtual stages run one after another, each handing its
+    hidden states to the next. Returns the logits on the rank that runs the last stage, else None.
+    Every rank of the pipeline calls it; only the first stage needs `tokens`."""
+    n_stages = stage.pp * stage.v
+    device = next(stage.parameters()).device
+    x = tokens
+    for virtual in range(n_stages):
+        owner, chunk = virtual % stage.pp, virtual // stage.pp
+        if owner != group.rank:
+            continue
+        if virtual > 0:
+            x = torch.empty(activation_shape, dtype=dtype, device=device)
+            comm.recv_async(x, (virtual - 1) % stage.pp, group, tag="activations", message_tag=virtual).wait()
+        x = stage.forward_chunk(chunk, x, positions)
+        if virtual < n_stages - 1:
+            comm.send_async(x.contiguous(), (virtual + 1) % stage.pp, group, tag="activations",
+                            message_tag=virtual + 1).wait()
+    return x if stage.holds_head else None

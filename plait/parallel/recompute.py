@@ -30,16 +30,26 @@ class SavedBytes:
     """Bytes of distinct storages saved for backward while the counter was active."""
 
     def __init__(self, skip: Iterable[torch.Tensor]):
-        self._skip = {t.untyped_storage().data_ptr() for t in skip}
+        self._weights = list(skip)
+        self._skip = self._weight_storages()
         self._seen: set[int] = set()
         self.bytes = 0
+
+    def _weight_storages(self) -> set[int]:
+        return {t.untyped_storage().data_ptr() for t in self._weights}
 
     def add(self, tensor: torch.Tensor) -> None:
         if isinstance(tensor, nn.Parameter) or tensor.device.type == "meta":
             return
         storage = tensor.untyped_storage()
         key = storage.data_ptr()
-        if key in self._skip or key in self._seen:  # weights (and their views), or counted already
+        if key in self._seen:
+            return
+        if key not in self._skip:
+            # Weights can move while the counter runs (ZeRO-3 gathers a block's parameters
+            # into freshly allocated storage just before it runs): look again before counting.
+            self._skip = self._weight_storages()
+        if key in self._skip:  # weights (and their views)
             return
         self._seen.add(key)
         self.bytes += storage.nbytes()

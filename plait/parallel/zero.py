@@ -41,9 +41,10 @@ class ZeroEngine:
         self, model: nn.Module, comm: Comm, group: Group, optim: OptimConfig, *, stage: int,
         dtype: str, reduce_dtype: str, bucket_bytes: int, device: torch.device, offload: bool = False,
         units: list[list[str]] | None = None, tp_group: Group | None = None,
+        pp_group: Group | None = None, norm_exclude: frozenset[str] = frozenset(),
     ):
         self.model, self.comm, self.group, self.stage = model, comm, group, stage
-        self.tp_group = tp_group
+        self.tp_group, self.pp_group = tp_group, pp_group
         self.device = device
         self.compute_dtype = DTYPES[dtype]
         shards = group.size if stage >= 1 else 1
@@ -82,17 +83,19 @@ class ZeroEngine:
                 # Norm weights (1-D) are not decayed: decay would pull their scale towards zero.
                 (decay if bucket.params[seg.param_index].ndim >= 2 else no_decay).append(param)
             self.segments.append(segs)
-        # Which owned gradient elements belong to tensor-parallel shards: their squares are
-        # summed over tp for the global norm; replicated parameters (norms) count once.
-        self.tp_masks = None
-        if tp_group is not None and tp_group.size > 1:
-            self.tp_masks = []
-            for b, bucket in enumerate(self.buckets):
-                mask = torch.zeros(bucket.shard_size, dtype=torch.bool, device=device)
+        # How each owned gradient element enters the global norm: 1 counted once, 2 a
+        # tensor-parallel shard (its squares are summed over tp), 0 left out (a second copy,
+        # such as the tied embedding on the last pipeline stage).
+        self.norm_kinds = None
+        if (tp_group is not None and tp_group.size > 1) or norm_exclude:
+            self.norm_kinds = []
+            for bucket in self.buckets:
+                kinds = torch.ones(bucket.shard_size, dtype=torch.int8, device=device)
                 for seg in bucket.segments(self.owner):
-                    if hasattr(bucket.params[seg.param_index], "_tp_dim"):
-                        mask[seg.shard_start:seg.shard_start + seg.length] = True
-                self.tp_masks.append(mask)
+                    name = bucket.names[seg.param_index]
+                    kind = 0 if name in norm_exclude else 2 if hasattr(bucket.params[seg.param_index], "_tp_dim") else 1
+                    kinds[seg.shard_start:seg.shard_start + seg.length] = kind
+                self.norm_kinds.append(kinds)
         groups = [{"params": decay, "weight_decay": optim.weight_decay},
                   {"params": no_decay, "weight_decay": 0.0}]
         fused = self.opt_device.type == "cuda"
@@ -131,22 +134,33 @@ class ZeroEngine:
         with self.reducer.micro_batch(final):
             yield
 
+    @contextmanager
+    def deferred(self) -> Iterator[None]:
+        """Backward passes whose gradients `sync_gradients` reduces afterwards (pipelines)."""
+        with self.reducer.deferred():
+            yield
+
+    def sync_gradients(self) -> None:
+        self.reducer.flush()
+
     def clip_grad_norm(self, max_norm: float) -> float:
         """Global L2 norm of the gradient (before clipping); scales gradients if it exceeds max_norm."""
-        squares = torch.zeros(2, dtype=torch.float32, device=self.device)  # [tp-sharded, replicated]
+        squares = torch.zeros(2, dtype=torch.float32, device=self.device)  # [tp-sharded, counted once]
         for b in range(len(self.buckets)):
             grad_squares = self.reducer.grad_shard(b).float().pow(2)
-            if self.tp_masks is not None:
-                squares[0] += grad_squares[self.tp_masks[b]].sum()
-                squares[1] += grad_squares[~self.tp_masks[b]].sum()
+            if self.norm_kinds is not None:
+                squares[0] += grad_squares[self.norm_kinds[b] == 2].sum()
+                squares[1] += grad_squares[self.norm_kinds[b] == 1].sum()
             else:
                 squares[1] += grad_squares.sum()
         if self.stage >= 1:  # disjoint slices: their squares add up to the whole
             self.comm.all_reduce(squares, self.group, tag="grad_norm")
-        if self.tp_masks is not None:
+        if self.tp_group is not None and self.tp_group.size > 1:
             sharded = squares[:1].clone()
             self.comm.all_reduce(sharded, self.tp_group, tag="grad_norm")
             squares[0] = sharded[0]
+        if self.pp_group is not None and self.pp_group.size > 1:  # stages hold disjoint parameters
+            self.comm.all_reduce(squares, self.pp_group, tag="grad_norm")
         norm = float(squares.sum().sqrt())
         if max_norm > 0 and math.isfinite(norm):
             coef = max_norm / (norm + 1e-6)

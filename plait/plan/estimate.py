@@ -7,6 +7,7 @@ including tensor-, context- and expert-parallel communication that nothing hides
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass, field
 
@@ -194,28 +195,254 @@ def _fill_times(est: Estimate, model: ModelSpec, cluster: Cluster, layout: Layou
     }
 
 
-def predict_run_metrics(cfg, world_size: int) -> dict[str, float]:
-    """What plait's trainer will report for plain data parallelism (zero=0) with AdamW.
+# --- plait's own runs: the numbers its trainer writes to metrics.jsonl -----------------------
+#
+# The planner above reasons about large jobs in round numbers. The functions below reproduce
+# what one of plait's own runs measures, from the same arithmetic the runtime uses:
+# state_bytes (ZeroEngine.state_bytes), comm_bytes (bytes sent through plait's Comm in one
+# training step, ring conventions, bookkeeping and checkpoint traffic left out) and
+# activation_bytes (saved for backward by the first micro-batch). Each metric is a max over
+# ranks; ranks of different pipeline stages differ, the others are symmetric, so every
+# pipeline rank is evaluated and the largest value kept.
 
-    `cfg` is a plait `Config`. state_bytes: parameters + gradients + AdamW m and v on one rank
-    (4 + 4 + 8 bytes per parameter in fp32; parameters counted once even when tied).
-    comm_bytes: bytes the busiest rank sends per step, one ring all-reduce of all fp32
-    gradients, 2(n-1)/n x 4N. activation_bytes: Korthikanti's per-layer count for one
-    micro-batch (flash attention, no recompute) plus the final norm, head input and fp32 logits.
+DTYPE_BYTES = {"fp32": 4, "bf16": 2}
+BUILD_BYTES = 4  # plait builds models in fp32, and buckets are cut before the cast to bf16
+GRAD_NORM_FLOATS = {"dp_cp": 2, "tp": 1, "pp": 2}  # the tiny all-reduces of clip_grad_norm
+
+
+def _ceil_to(n: int, k: int) -> int:
+    return -(-n // k) * k
+
+
+def _ring_all_reduce(nbytes: float, n: int) -> float:
+    return 2 * (n - 1) / n * nbytes if n > 1 else 0.0
+
+
+def _ring_gather(nbytes: float, n: int) -> float:
+    """All-gather or reduce-scatter of a full buffer of `nbytes`."""
+    return (n - 1) / n * nbytes if n > 1 else 0.0
+
+
+@dataclass(frozen=True)
+class RankShape:
+    """The parameters one rank holds and where it sits in the pipeline."""
+    layers: int  # transformer blocks on this rank (all its model chunks)
+    first: bool  # runs the first virtual stage: holds the embedding
+    last: bool  # runs the last virtual stage: final norm, LM head, loss
+    order: tuple[int, ...]  # parameter sizes in registration order (after tp sharding)
+    units: tuple[tuple[int, ...], ...]  # ZeRO-3 gather units: blocks last-first, then the root
+    p2p_sends: int = 0  # pipeline messages this rank sends per micro-batch
+
+
+def _block_params(m, tp: int) -> list[int]:
+    """One block's parameters on one tp rank, in registration order (norms are replicated)."""
+    head_dim = m.dim // m.n_heads
+    q, kv = m.n_heads * head_dim, m.n_kv_heads * head_dim
+    return [m.dim, m.dim * q // tp, m.dim * kv // tp, m.dim * kv // tp, q * m.dim // tp,
+            m.dim, m.dim * m.ffn_dim // tp, m.dim * m.ffn_dim // tp, m.ffn_dim * m.dim // tp]
+
+
+def rank_shape(m, tp: int, layers: int, first: bool, last: bool) -> RankShape:
+    """Registration order is embed, blocks, final norm, untied head (the dense model's, which
+    StageModule keeps). The vocabulary is padded to a multiple of tp. With tied embeddings a
+    last pipeline stage holds its own copy of the embedding, registered first."""
+    vocab = _ceil_to(m.vocab_size, tp) // tp * m.dim
+    head = [vocab] if first or (last and m.tie_embeddings) else []
+    tail = ([m.dim] + ([] if m.tie_embeddings else [vocab])) if last else []
+    blocks = [_block_params(m, tp) for _ in range(layers)]
+    order = head + [n for block in blocks for n in block] + tail
+    units = [tuple(b) for b in reversed(blocks)] + ([tuple(head + tail)] if head or tail else [])
+    return RankShape(layers, first, last, tuple(order), tuple(units))
+
+
+def pipeline_ranks(cfg) -> list[RankShape]:
+    """Every pipeline rank's share, split by plait's own partition (cost-balanced or explicit)."""
+    from plait.parallel.partition import head_cost_in_layers, partition_layers, rank_chunks
+
+    m, p = cfg.model, cfg.parallel
+    if p.pp == 1:
+        return [rank_shape(m, p.tp, m.n_layers, True, True)]
+    head_cost = head_cost_in_layers(m.dim, m.ffn_dim, m.vocab_size, m.seq_len, m.n_heads, m.n_kv_heads)
+    stages = partition_layers(m.n_layers, p.pp, p.pp_virtual_stages, explicit=p.pp_layers or None,
+                              head_cost=head_cost)
+    last = len(stages) - 1
+    shapes = []
+    for r in range(p.pp):
+        shape = rank_shape(m, p.tp, sum(map(len, rank_chunks(stages, p.pp, r))), r == 0, r == p.pp - 1)
+        # Virtual stage s = chunk * pp + r sends activations on unless it is the last, and
+        # input gradients back unless it is the first.
+        sends = sum((s < last) + (s > 0) for s in range(r, last + 1, p.pp))
+        shapes.append(dataclasses.replace(shape, p2p_sends=sends))
+    return shapes
+
+
+def bucket_sizes(shape: RankShape, zero: int, bucket_bytes: int) -> list[int]:
+    """Elements per flat bucket, as flat.make_buckets cuts them (padding depends on the cuts):
+    ZeRO-3 one bucket per gather unit; otherwise reverse registration order (the order backward
+    finishes gradients), a new bucket once the current one reaches bucket_bytes."""
+    if zero == 3:
+        return [sum(unit) for unit in shape.units]
+    out: list[int] = []
+    filled = bucket_bytes
+    for n in reversed(shape.order):
+        if filled >= bucket_bytes:
+            out.append(0)
+            filled = 0
+        out[-1] += n
+        filled += n * BUILD_BYTES
+    return out
+
+
+def run_state_bytes(buckets: list[int], shards: int, zero: int, dtype: str, reduce_dtype: str,
+                    separate_master: bool) -> int:
+    """ZeroEngine.state_bytes on data-parallel rank 0, the one owning the most real elements
+    (padding sits at the end of each bucket, in the last rank's slice, and gets no AdamW state)."""
+    shards = shards if zero >= 1 else 1
+    padded = [_ceil_to(b, shards) for b in buckets]
+    slices = [p // shards for p in padded]
+    params = sum(slices if zero == 3 else padded) * DTYPE_BYTES[dtype]
+    grads = sum(padded if zero <= 1 else slices) * DTYPE_BYTES[reduce_dtype]
+    masters = sum(slices) * 4 if separate_master else 0  # fp32 copy of the owned slices
+    moments = sum(min(s, b) for s, b in zip(slices, buckets)) * 8  # exp_avg + exp_avg_sq, fp32
+    return params + grads + masters + moments
+
+
+def data_parallel_comm(buckets: list[int], n: int, zero: int, micro_batches: int, dtype: str,
+                       reduce_dtype: str, pipelined: bool) -> float:
+    """Gradient reduction and ZeRO parameter gathers over the dp x cp group, one step.
+
+    Stages 0-1 reduce once per step (all-reduce; reduce-scatter). Stages 2-3 keep no full
+    gradient, so they reduce-scatter after every micro-batch, except under a pipeline, which
+    reduces once after the schedule. Stages 1-2 all-gather the updated parameters after the
+    step; stage 3 instead gathers each block before its forward and again before its backward,
+    and the root unit (embedding, final norm, head: the last bucket) once per micro-batch.
     """
+    if n == 1:
+        return 0.0
+    padded = [_ceil_to(b, n if zero >= 1 else 1) for b in buckets]
+    grads, params = sum(padded) * DTYPE_BYTES[reduce_dtype], sum(padded) * DTYPE_BYTES[dtype]
+    if zero == 0:
+        return _ring_all_reduce(grads, n)
+    reductions = micro_batches if zero >= 2 and not pipelined else 1
+    total = reductions * _ring_gather(grads, n) + _ring_all_reduce(4 * GRAD_NORM_FLOATS["dp_cp"], n)
+    if zero in (1, 2):
+        total += _ring_gather(params, n)
+    else:
+        gathered = (2 * sum(padded[:-1]) + padded[-1]) * DTYPE_BYTES[dtype]
+        total += micro_batches * _ring_gather(gathered, n)
+    return total
+
+
+def tensor_parallel_comm(shape: RankShape, m, tp: int, sequence_parallel: bool, tokens: int,
+                         act_bytes: int) -> float:
+    """tensor_comm.py traffic of one micro-batch's forward + backward on one rank.
+
+    `tokens` = micro_batch x seq / cp: every collective moves a full-sequence [b, s, dim] buffer.
+    Sequence parallel, per block: two all-gathers (norm outputs) and two reduce-scatters (row
+    outputs) forward, their conjugates backward, and two more all-gathers in backward where
+    SequenceRegather rebuilds the column-parallel inputs; plus one all-reduce of each norm
+    weight's gradient (copy_to_tp). Without it: four all-reduces per block (two forward, two
+    backward). The embedding adds a region exit, the final norm an entry (+ regather for the
+    head), and the vocabulary-parallel cross-entropy two all-reduces of [tokens] and [2, tokens].
+    """
+    if tp == 1:
+        return 0.0
+    hidden = tokens * m.dim * act_bytes
+    L, first, last = shape.layers, int(shape.first), int(shape.last)
+    if sequence_parallel:
+        gathers = 6 * L + first + 2 * last
+        scatters = 4 * L + first + last
+        norms = (2 * L + last) * _ring_all_reduce(m.dim * act_bytes, tp)
+        total = (gathers + scatters) * _ring_gather(hidden, tp) + norms
+    else:
+        total = (4 * L + first + last) * _ring_all_reduce(hidden, tp)
+    return total + last * _ring_all_reduce(3 * tokens * 4, tp)  # loss terms are fp32
+
+
+def context_parallel_comm(shape: RankShape, m, tp: int, cp: int, micro_batch: int) -> float:
+    """Ring attention of one micro-batch, all layers: the stacked fp32 K and V block [2, b,
+    kv_heads/tp, seq/cp, head_dim] is passed cp-1 times forward and cp-1 times backward, where
+    its gradient accumulator also goes round the whole ring (cp times)."""
+    if cp == 1:
+        return 0.0
+    head_dim = m.dim // m.n_heads
+    block = 2 * micro_batch * (m.n_kv_heads // tp) * (m.seq_len // cp) * head_dim * 4
+    return shape.layers * (3 * cp - 2) * block
+
+
+def pipeline_comm(shape: RankShape, cfg, micro_batches: int, grad_bytes: int) -> float:
+    """Stage-to-stage sends of one step (hidden states [b, s/cp (/tp with sequence parallel),
+    dim] in the compute dtype, activations forward, gradients backward), plus the all-reduce
+    that sums the two copies of a tied embedding's gradient (first and last rank)."""
+    m, p, t = cfg.model, cfg.parallel, cfg.train
+    if p.pp == 1:
+        return 0.0
+    split = p.tp if p.tp > 1 and p.sequence_parallel else 1
+    message = t.micro_batch * m.seq_len // p.cp // split * m.dim * DTYPE_BYTES[t.dtype]
+    total = micro_batches * shape.p2p_sends * message
+    if m.tie_embeddings and (shape.first or shape.last):
+        total += _ring_all_reduce(shape.order[0] * grad_bytes, 2)
+    return total
+
+
+def run_activation_bytes(cfg) -> float | None:
+    """activation_bytes of the first micro-batch, by the planner's per-layer count (plait's
+    unfused norms). None under pipeline parallelism, where the trainer does not measure it."""
+    m, p, t = cfg.model, cfg.parallel, cfg.train
+    if p.pp > 1:
+        return None
     from plait.plan.models import from_plait_model  # local: keeps this module free of plait.config
 
-    model = from_plait_model(cfg.model, cfg.name)
-    n_params = model.n_params()
-    element_bytes = 2.0 if cfg.train.dtype == "bf16" else 4.0
-    dp = world_size // max(1, cfg.parallel.tp * cfg.parallel.pp * cfg.parallel.cp)
-    micro_batch = cfg.train.micro_batch or cfg.train.global_batch // max(1, dp)
-    layout = Layout(dp=max(1, dp), micro_batch=micro_batch)
-    activations = mem.stage_activation_bytes(model, layout, 1, element_bytes, "first")
-    fp32_adamw = mem.PRECISIONS["fp32"]
+    layout = Layout(tp=p.tp, cp=p.cp, dp=p.dp, micro_batch=t.micro_batch, recompute=t.recompute,
+                    sequence_parallel=p.sequence_parallel and p.tp > 1)
+    act = DTYPE_BYTES[t.dtype]
+    return mem.stage_activation_bytes(from_plait_model(m, cfg.name), layout, 1, act, "first")
+
+
+def predict_run_metrics(cfg, world_size: int, device_type: str | None = None) -> dict[str, float | None]:
+    """What plait's trainer reports in metrics.jsonl for a run of `cfg` on `world_size` ranks,
+    for any layout plait runs (data, ZeRO 0-3, tensor + sequence, context, pipeline parallel).
+
+    `cfg` is a plait `Config` (a validated copy is used, so dp, micro_batch and pp_microbatches
+    are filled in). comm_bytes is a training step's traffic; the last step's evaluation and
+    checkpoint traffic are not in it. `device_type` ("cpu", "cuda"; default from
+    train.device, "auto" read as cpu) only matters for offload=optimizer, which keeps a
+    separate fp32 master copy when the optimizer's device is not the parameters'.
+    Not modelled: activation recomputation's extra forward traffic (tp, cp, ZeRO-3 gathers).
+    """
+    import copy
+
+    from plait.config import accumulation_steps, validate  # local: keeps the planner importable alone
+
+    cfg = validate(copy.deepcopy(cfg), world_size)
+    m, p, t = cfg.model, cfg.parallel, cfg.train
+    device_type = device_type or ("cuda" if t.device == "cuda" else "cpu")
+    micro_batches = accumulation_steps(cfg)
+    n = p.dp * p.cp  # ZeRO and gradient reduction run over dp x cp: they hold the same weights
+    separate_master = t.dtype != "fp32" or (p.offload == "optimizer" and device_type != "cpu")
+    tokens = t.micro_batch * m.seq_len // p.cp
+    act = DTYPE_BYTES[t.dtype]
+    states, comms = [], []
+    for shape in pipeline_ranks(cfg):
+        buckets = bucket_sizes(shape, p.zero, int(p.bucket_mb * 2**20))
+        states.append(run_state_bytes(buckets, n, p.zero, t.dtype, p.reduce_dtype, separate_master))
+        per_micro_batch = (tensor_parallel_comm(shape, m, p.tp, p.sequence_parallel, tokens, act)
+                           + context_parallel_comm(shape, m, p.tp, p.cp, t.micro_batch))
+        comms.append(micro_batches * per_micro_batch
+                     + data_parallel_comm(buckets, n, p.zero, micro_batches, t.dtype, p.reduce_dtype, p.pp > 1)
+                     + pipeline_comm(shape, cfg, micro_batches, act)
+                     + _ring_all_reduce(4 * GRAD_NORM_FLOATS["tp"], p.tp)
+                     + _ring_all_reduce(4 * GRAD_NORM_FLOATS["pp"], p.pp))
     return {
-        "n_params": n_params,
-        "state_bytes": n_params * fp32_adamw.state_bytes,
-        "comm_bytes": comm.ring_all_reduce_bytes_sent(4.0 * n_params, world_size),
-        "activation_bytes": activations,
+        "n_params": _dense_params(cfg),
+        "state_bytes": max(states),
+        "comm_bytes": max(comms),
+        "activation_bytes": run_activation_bytes(cfg),
     }
+
+
+def _dense_params(cfg) -> int:
+    """Parameters of the dense model (tied weights once), as the trainer's count."""
+    from plait.plan.models import from_plait_model
+
+    return from_plait_model(cfg.model, cfg.name).n_params()

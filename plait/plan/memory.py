@@ -66,6 +66,8 @@ def layer_activation_bytes(model: ModelSpec, micro_batch: int, tp: int = 1, sequ
     # Inputs of the two norms and of the two column-parallel matmuls: full copies on every tp rank
     # unless sequence parallelism splits them along the sequence.
     replicated = 4 * element_bytes * unit
+    if not model.fused_norm:  # each of the two norms also keeps its normalised output
+        replicated += 2 * element_bytes * unit
     if model.dropout:
         replicated += 2 * unit  # 1-byte masks after the attention and MLP output projections
     # Q, K, V and the attention output (input of the output projection).

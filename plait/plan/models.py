@@ -36,6 +36,9 @@ class ModelSpec:
     dropout: bool = False
     # Fused attention never stores the s x s score matrix (Korthikanti's 5as/h term vanishes).
     flash_attention: bool = True
+    # A fused norm (Megatron, Korthikanti et al.) saves only its input for backward; plait's
+    # plain-PyTorch RMSNorm also keeps the normalised and the scaled output.
+    fused_norm: bool = True
     n_experts: int = 1  # >1: every MLP is a mixture of experts
     experts_per_token: int = 1
 
@@ -167,7 +170,7 @@ def from_plait_model(model: object, name: str) -> ModelSpec:
     return ModelSpec(
         name=name, dim=model.dim, n_layers=model.n_layers, n_heads=model.n_heads,
         n_kv_heads=model.n_kv_heads, ffn_dim=model.ffn_dim, vocab_size=model.vocab_size,
-        seq_len=model.seq_len, tie_embeddings=model.tie_embeddings,
+        seq_len=model.seq_len, tie_embeddings=model.tie_embeddings, fused_norm=False,
     )
 
 

@@ -32,6 +32,7 @@ from plait.train.lr_schedule import lr_at
 from plait.train.resume import TrainState, check_compatible, checkpoint_files, choose_checkpoint, restore
 from plait.train.runtime import Runtime, init_runtime, peak_memory_bytes
 from plait.train.sample import generate
+from plait.trace import COLLECTIVE, TraceRecorder, trace_file_name
 
 
 @dataclass
@@ -55,6 +56,7 @@ class Trainer:
         self.model = build_model(cfg.model, cfg.train.seed, runtime.device)
         self.n_params = count_parameters(self.model)  # of the dense model, before any sharding
         self.parallel = parallelize(self.model, cfg, self.mesh, self.comm, runtime.device)
+        self.model = self.parallel.model  # under pipeline parallelism: this rank's stage only
         self.engine = self.parallel.engine
         self.forward = torch.compile(self.model) if cfg.train.compile else self.model
         self.sampler = GlobalSampler(len(self.data.train), cfg.model.seq_len, cfg.train.global_batch, cfg.train.seed)
@@ -64,6 +66,11 @@ class Trainer:
         self.accum = accumulation_steps(cfg)
         self.tokens_per_step = cfg.train.global_batch * cfg.model.seq_len
         self.log = RunLog(run_dir, enabled=runtime.is_main, tensorboard=cfg.log.tensorboard)
+        self.trace = TraceRecorder(runtime.rank, enabled=cfg.log.trace)
+        if cfg.log.trace:
+            self.comm.observers.append(self._trace_collective)
+            if self.parallel.runner is not None:
+                self.parallel.runner.trace = self.trace
         self.state = TrainState()
 
     # --- setup ----------------------------------------------------------------------------
@@ -114,6 +121,14 @@ class Trainer:
             f"on {self.rt.device.type}, accumulation {self.accum}; {self.data.description}"
         )
 
+    def _trace_collective(self, record) -> None:
+        if record.op in ("send", "recv"):  # the pipeline runner traces its own messages
+            return
+        end = self.trace.now_us()
+        start = end - (record.left - record.entered) * 1e6
+        self.trace.add(f"{record.op} {record.group}", COLLECTIVE, start, end,
+                       seq=record.seq, bytes=record.bytes_sent, tag=record.tag)
+
     def _say(self, text: str) -> None:
         if self.rt.is_main:
             print(text, flush=True)
@@ -136,22 +151,34 @@ class Trainer:
         """
         lr = lr_at(step, self.cfg.optim, self.cfg.train)
         micro_batches = self._micro_batches(self.sampler.global_batch_starts(step))
+        if self.parallel.runner is not None:
+            batches = [self._batch(self.data.train, rows) for rows in micro_batches]
+            local_loss = self.parallel.pipeline_step(batches, self.tokens_per_step)
+            activation_bytes = None  # not measured through the pipeline schedule yet
+        else:
+            local_loss, activation_bytes = self._micro_batch_steps(micro_batches)
+        with self.trace.span("optimizer"):
+            grad_norm = self.engine.clip_grad_norm(self.cfg.optim.grad_clip)
+            self.engine.step(lr)
+            self.engine.zero_grad()
+        return local_loss, grad_norm, lr, activation_bytes
+
+    def _micro_batch_steps(self, micro_batches: list[np.ndarray]) -> tuple[torch.Tensor, int]:
         local_loss = torch.zeros((), device=self.rt.device)
         activation_bytes = 0
         for index, rows in enumerate(micro_batches):
             inputs, targets, positions = self._batch(self.data.train, rows)
             with self.engine.micro_batch(final=index == len(micro_batches) - 1):
                 with count_saved_activation_bytes(self.model.parameters()) if index == 0 else nullcontext() as saved:
-                    logits = self.forward(inputs, positions)
-                    loss = self.parallel.loss_sum(logits, targets) / self.tokens_per_step
+                    with self.trace.span("forward", microbatch=index):
+                        logits = self.forward(inputs, positions)
+                        loss = self.parallel.loss_sum(logits, targets) / self.tokens_per_step
                 if index == 0:
                     activation_bytes = saved.bytes
-                loss.backward()
+                with self.trace.span("backward", microbatch=index):
+                    loss.backward()
             local_loss += loss.detach()
-        grad_norm = self.engine.clip_grad_norm(self.cfg.optim.grad_clip)
-        self.engine.step(lr)
-        self.engine.zero_grad()
-        return local_loss, grad_norm, lr, activation_bytes
+        return local_loss, activation_bytes
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -163,16 +190,20 @@ class Trainer:
         totals = torch.zeros(2, dtype=torch.float64, device=self.rt.device)
         for chunk in np.array_split(mine, -(-len(mine) // self.cfg.train.micro_batch)):
             inputs, targets, positions = self._batch(self.data.val, chunk)
-            totals[0] += self.parallel.loss_sum(self.forward(inputs, positions), targets).double()
-            totals[1] += targets.numel()
-        # Context-parallel ranks hold different tokens; tensor-parallel ones the same.
-        self.comm.all_reduce(totals, self.mesh.dp_cp, tag=BOOKKEEPING)
+            logits = self.parallel.forward(inputs, positions) if self.parallel.runner else self.forward(inputs, positions)
+            if logits is not None:  # None on pipeline stages before the last
+                totals[0] += self.parallel.loss_sum(logits, targets).double()
+                totals[1] += targets.numel()
+        # Over every rank: tensor-parallel peers count the same tokens, which scales the sum
+        # and the count alike and leaves the mean as it is.
+        self.comm.all_reduce(totals, self.mesh.world, tag=BOOKKEEPING)
         return float(totals[0] / totals[1])
 
-    def _gather_step_stats(self, local_loss: torch.Tensor, activation_bytes: int) -> dict[str, float | int]:
+    def _gather_step_stats(self, local_loss: torch.Tensor, activation_bytes: int | None) -> dict[str, float | int]:
         """Global loss and the largest state, activations, memory and traffic of any rank."""
         local = torch.tensor(
-            [float(local_loss), self.engine.state_bytes(), activation_bytes, peak_memory_bytes(self.rt.device),
+            [float(local_loss), self.engine.state_bytes(), -1 if activation_bytes is None else activation_bytes,
+             peak_memory_bytes(self.rt.device),
              self.comm.take_bytes()], dtype=torch.float64, device=self.rt.device,
         )
         gathered = torch.empty(self.mesh.world.size * local.numel(), dtype=torch.float64, device=self.rt.device)
@@ -180,8 +211,12 @@ class Trainer:
         rows = gathered.view(self.mesh.world.size, -1)
         # dp and cp ranks hold different tokens' losses; tensor-parallel peers hold the same one.
         biggest = rows[:, 1:].max(dim=0).values.tolist()
-        return {"loss": float(rows[:, 0].sum()) / self.mesh.tp.size, "state_bytes": int(biggest[0]),
-                "activation_bytes": int(biggest[1]), "peak_mem_bytes": int(biggest[2]), "comm_bytes": int(biggest[3])}
+        stats = {"loss": float(rows[:, 0].sum()) / self.mesh.tp.size, "state_bytes": int(biggest[0]),
+                 "activation_bytes": int(biggest[1]) if biggest[1] >= 0 else None,
+                 "peak_mem_bytes": int(biggest[2]), "comm_bytes": int(biggest[3])}
+        if self.parallel.runner is not None:
+            stats["pp_bubble"] = self.parallel.pp_bubble()
+        return stats
 
     # --- the loop ---------------------------------------------------------------------------
     def fit(self) -> TrainResult:
@@ -220,6 +255,8 @@ class Trainer:
                 self.save_checkpoint()
         finally:
             progress.close()
+            if self.cfg.log.trace:
+                self.trace.write(self.run_dir / trace_file_name(self.rt.rank))
         result.final_step = self.state.step
         return result
 
