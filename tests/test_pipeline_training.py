@@ -89,3 +89,27 @@ def test_checkpoint_moves_between_pipeline_and_other_layouts(runs, name):
     # micro-batches in turn, pp 2 x dp 2 two and two, then all-reduces); over 10 AdamW steps
     # that drift stays within 1e-5 of the loss.
     assert all(abs(a - b) <= 1e-5 * abs(b) for a, b in zip(resumed, original)), max_difference(resumed, original)
+
+
+def tied_copies_after_training(rank: int, world: int, run_dir: str) -> list[float]:
+    from pathlib import Path
+
+    from plait.config import load_config
+    from plait.train.runtime import init_runtime
+    from plait.train.trainer import Trainer
+    from scenarios import BASE
+
+    # bf16 parameters with fp32 gradient reduction: the gradients take the copying path.
+    cfg = load_config("tiny", BASE + SMALL + ["parallel.pp=2", "train.dtype=bf16", "parallel.reduce_dtype=fp32",
+                                              "train.steps=3", "checkpoint.every=0"])
+    trainer = Trainer(cfg, Path(run_dir), init_runtime(cfg))
+    trainer.start()
+    trainer.fit()
+    weights = trainer.model.embed.weight.detach().float().flatten()[:64].tolist()
+    trainer.close()
+    return weights
+
+
+def test_tied_embedding_copies_stay_identical(tmp_path):
+    first, last = run_on_ranks(2, tied_copies_after_training, str(tmp_path / "run"))
+    assert first == last
