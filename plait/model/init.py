@@ -33,7 +33,7 @@ def init_std(name: str, cfg: ModelConfig) -> float | None:
     """
     if name.endswith("norm.weight"):
         return None
-    if name.endswith(("attn.wo.weight", "mlp.w_down.weight")):
+    if name.endswith(("attn.wo.weight", "w_down.weight", "experts.w_down")):  # experts' too
         return INIT_STD / math.sqrt(2 * cfg.n_layers)
     return INIT_STD
 

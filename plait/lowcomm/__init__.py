@@ -1,0 +1,1 @@
+"""Low-communication training: gradient compression and infrequent synchronisation (issue 10)."""
