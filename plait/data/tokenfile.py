@@ -18,7 +18,6 @@ import numpy as np
 
 from plait.data.corpus import Corpus
 from plait.data.tokenizer import Tokenizer, dtype_for_vocab, tokenizer_from_json
-from plait.errors import DataError
 
 FORMAT = "plait-tokens"
 VERSION = 1
