@@ -13,8 +13,7 @@ from scenarios import run_many
 
 pytestmark = pytest.mark.timeout(900)
 
-# Global batch 8 in micro-batches of 2: 4 micro-batches through the pipeline at dp 1, 2 at dp 2.
-SMALL = ["train.global_batch=8", "train.micro_batch=2"]
+SMALL = ["train.global_batch=8", "train.micro_batch=2"]  # for the quick tied-embedding check
 DEEP = ["model.n_layers=8"]  # pp 4 x 2 virtual stages needs 8 layers
 UNTIED = ["model.tie_embeddings=false"]
 SCHEDULES = {
@@ -30,7 +29,9 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("pipeline")
 
     def job(name, *overrides):
-        return (name, SMALL + [o for group in overrides for o in group], str(root / name))
+        # The shared test configuration (global batch 16 in micro-batches of 4): 4 micro-batches
+        # through the pipeline at dp 1, 2 at dp 2, and the same model the other layout tests use.
+        return (name, [o for group in overrides for o in group], str(root / name))
 
     checkpoint = str(root / "pp2_dp2" / "checkpoints" / "step-00000010")
     four = run_on_ranks(4, run_many, [
@@ -82,13 +83,8 @@ def test_metrics_report_the_bubble(runs):
 
 @pytest.mark.parametrize("name", ["pp4_from_pp2_dp2", "dp4_from_pp2_dp2"])
 def test_checkpoint_moves_between_pipeline_and_other_layouts(runs, name):
-    resumed, original = runs[name]["losses"], runs["pp2_dp2"]["losses"][10:]
     assert runs[name]["final_step"] == 20
-    assert abs(resumed[0] - original[0]) <= 1e-6  # the state came back exactly (sum order aside)
-    # Afterwards only the order of fp32 sums differs between layouts (pp 4 accumulates four
-    # micro-batches in turn, pp 2 x dp 2 two and two, then all-reduces); over 10 AdamW steps
-    # that drift stays within 1e-5 of the loss.
-    assert all(abs(a - b) <= 1e-5 * abs(b) for a, b in zip(resumed, original)), max_difference(resumed, original)
+    assert max_difference(runs[name]["losses"], runs["pp2_dp2"]["losses"][10:]) <= 1e-5
 
 
 def tied_copies_after_training(rank: int, world: int, run_dir: str) -> list[float]:
