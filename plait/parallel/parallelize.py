@@ -21,7 +21,7 @@ from torch import nn
 
 from plait.config import Config
 from plait.mesh import Mesh
-from plait.parallel.comm import Comm
+from plait.parallel.comm import Comm, Group
 from plait.parallel.context import apply_context_parallel, cp_positions, split_for_cp
 from plait.parallel.full_state import State, gather_full_state, local_state
 from plait.parallel.partition import head_cost_in_layers, partition_layers
@@ -42,11 +42,7 @@ class ParallelModel:
     comm: Comm
     vocab_size: int
     runner: PipelineRunner | None = None  # pipeline parallel only
-    tied_group: object = None  # the first and last pipeline rank, when embeddings are tied
-
-    @property
-    def stage(self) -> StageModule | None:
-        return self.runner.stage if self.runner else None
+    tied_group: Group | None = None  # the first and last pipeline rank, when embeddings are tied
 
     def local_batch(self, inputs: torch.Tensor, targets: torch.Tensor
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -127,7 +123,7 @@ def parallelize(model: nn.Module, cfg: Config, mesh: Mesh, comm: Comm, device: t
     return ParallelModel(model, engine, tp_shards, mesh, comm, cfg.model.vocab_size, runner, tied_group)
 
 
-def _pipeline(model: nn.Module, cfg: Config, mesh: Mesh, comm: Comm) -> tuple[PipelineRunner, object]:
+def _pipeline(model: nn.Module, cfg: Config, mesh: Mesh, comm: Comm) -> tuple[PipelineRunner, Group | None]:
     p, m = cfg.parallel, cfg.model
     head_cost = head_cost_in_layers(m.dim, m.ffn_dim, m.vocab_size, m.seq_len, m.n_heads, m.n_kv_heads)
     layers = partition_layers(m.n_layers, p.pp, p.pp_virtual_stages, explicit=p.pp_layers or None,
