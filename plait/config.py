@@ -35,6 +35,14 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
+    # Mixture of experts (plait/model/moe.py): 0 experts is the dense model.
+    n_experts: int = 0  # routed experts per MoE layer
+    top_k: int = 2  # experts each token is sent to
+    moe_every: int = 1  # every moe_every-th block (counting from 1) has an MoE MLP
+    n_shared_experts: int = 0  # experts every token goes through (DeepSeek-MoE)
+    moe_ffn_dim: int = 0  # hidden size of each expert; 0: ffn_dim
+    capacity_factor: float = 0.0  # slots per expert = ceil(tokens x top_k / n_experts x factor); 0: dropless
+    router: Literal["softmax", "sigmoid"] = "softmax"
 
 
 @dataclass
@@ -47,7 +55,8 @@ class ParallelConfig:
     pp_virtual_stages: int = 1  # model chunks per pipeline rank (interleaved schedule)
     pp_layers: list[int] = field(default_factory=list)  # layers per virtual stage; []: balanced by cost
     cp: int = 1
-    ep: int = 1
+    ep: int = 1  # expert parallel, folded into tp x cp x dp (not an extra factor of the world size)
+    etp: int = 1  # tensor parallel of the experts (only 1 for now)
     sequence_parallel: bool = True  # Megatron sequence parallelism (only matters when tp > 1)
     zero: int = 0  # ZeRO stage: 0 plain data parallel, 1 optimizer state, 2 + gradients, 3 + parameters
     reduce_dtype: Literal["fp32", "bf16"] = "fp32"  # dtype gradients are held and reduced in
@@ -71,6 +80,9 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     sample_tokens: int = 200  # length of the sample printed at the end; 0: none
     threads: int = 0  # torch intra-op threads per process; 0: cores / local processes
+    lbl_coef: float = 0.01  # MoE load-balancing loss coefficient (per MoE layer)
+    z_loss_coef: float = 0.0  # MoE router z-loss coefficient (per MoE layer)
+    lbl_scope: Literal["micro_batch", "global_batch"] = "global_batch"  # where f_i is counted
 
 
 @dataclass
@@ -298,8 +310,8 @@ def validate(cfg: Config, world_size: int) -> Config:
     if cfg.checkpoint.resume not in ("auto", "never") and not cfg.checkpoint.resume:
         raise ConfigError("checkpoint.resume must be auto, never, or a checkpoint directory")
 
-    if p.ep != 1:
-        raise ConfigError(f"parallel.ep={p.ep} is not yet supported (data, tensor, context and pipeline parallelism are)")
+    if m.n_experts == 0 and (p.ep != 1 or p.etp != 1):
+        raise ConfigError(f"parallel.ep={p.ep} / etp={p.etp} need an MoE model (model.n_experts > 0)")
     if p.cp > 1 and m.seq_len % (2 * p.cp):
         raise ConfigError(f"model.seq_len={m.seq_len} must be divisible by 2 x parallel.cp = {2 * p.cp} "
                           "(each context-parallel rank holds two chunks)")
@@ -334,7 +346,44 @@ def validate(cfg: Config, world_size: int) -> Config:
         )
     if p.pp > 1:
         _validate_pipeline(cfg)
+    if m.n_experts:
+        _validate_moe(cfg)
     return cfg
+
+
+def _validate_moe(cfg: Config) -> None:
+    """Mixture of experts: the layer's settings and the expert-parallel layout (parallel folding:
+    ep divides the tp x cp x dp ranks of a pipeline stage, it does not multiply them)."""
+    m, p, t = cfg.model, cfg.parallel, cfg.train
+    if m.n_experts < 0:
+        raise ConfigError(f"model.n_experts={m.n_experts} must not be negative")
+    if not 1 <= m.top_k <= m.n_experts:
+        raise ConfigError(f"model.top_k={m.top_k} must lie between 1 and model.n_experts={m.n_experts}")
+    if not 1 <= m.moe_every <= m.n_layers:
+        raise ConfigError(f"model.moe_every={m.moe_every} must lie between 1 and model.n_layers={m.n_layers}")
+    for name, value in {"model.n_shared_experts": m.n_shared_experts, "model.moe_ffn_dim": m.moe_ffn_dim,
+                        "model.capacity_factor": m.capacity_factor, "train.lbl_coef": t.lbl_coef,
+                        "train.z_loss_coef": t.z_loss_coef}.items():
+        if value < 0:
+            raise ConfigError(f"{name}={value} must not be negative")
+    if p.etp != 1:
+        raise ConfigError(f"parallel.etp={p.etp} is not yet supported (experts are not tensor-parallel; use 1)")
+    folded = p.tp * p.cp * p.dp
+    if folded % (p.ep * p.etp):
+        raise ConfigError(f"parallel.ep={p.ep} x etp={p.etp} must divide tp x cp x dp = {folded} "
+                          "(expert parallelism is folded into those ranks)")
+    if m.n_experts % p.ep:
+        raise ConfigError(f"model.n_experts={m.n_experts} is not divisible by parallel.ep={p.ep}")
+    if p.tp > 1 and not p.sequence_parallel:
+        raise ConfigError("model.n_experts > 0 with parallel.tp > 1 needs parallel.sequence_parallel=true "
+                          "(each token is routed by the one rank that holds it)")
+    unsupported = {"parallel.pp > 1": p.pp > 1, "parallel.zero=3": p.zero == 3, "train.compile=true": t.compile,
+                   "parallel.grad_compression": getattr(p, "grad_compression", "none") != "none",
+                   "train.sync": getattr(t, "sync", "every_step") != "every_step",
+                   f"optim.name={cfg.optim.name}": cfg.optim.name != "adamw"}
+    for name, used in unsupported.items():
+        if used:
+            raise ConfigError(f"{name} with model.n_experts > 0 is not yet supported")
 
 
 def _validate_pipeline(cfg: Config) -> None:

@@ -94,16 +94,31 @@ class SwiGLU(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, moe: bool = False):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.attn = Attention(cfg)
         self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.mlp = SwiGLU(cfg.dim, cfg.ffn_dim)
+        self.is_moe = moe
+        if moe:
+            from plait.model.moe import MoE  # imported here: moe.py builds on this module's SwiGLU
+
+            self.mlp = MoE(cfg.dim, cfg.moe_ffn_dim or cfg.ffn_dim, cfg.n_experts, cfg.top_k,
+                           cfg.n_shared_experts, cfg.router, cfg.capacity_factor)
+        else:
+            self.mlp = SwiGLU(cfg.dim, cfg.ffn_dim)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), cos, sin)
+        if self.is_moe:  # the router's statistics stay on the layer (MoE.last_stats) for the losses
+            out, _ = self.mlp(self.mlp_norm(x))
+            return x + out
         return x + self.mlp(self.mlp_norm(x))
+
+
+def is_moe_block(cfg: ModelConfig, index: int) -> bool:
+    """Whether block `index` (from 0) has an MoE MLP: every moe_every-th block, counting from 1."""
+    return cfg.n_experts > 0 and (index + 1) % cfg.moe_every == 0
 
 
 class Transformer(nn.Module):
@@ -111,7 +126,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.blocks = nn.ModuleList(Block(cfg, is_moe_block(cfg, i)) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:

@@ -99,6 +99,9 @@ class MoE(nn.Module):
         self.router = nn.Linear(dim, n_experts, bias=False)
         self.experts = StackedExperts(n_experts, dim, ffn_dim)
         self.shared = SwiGLU(dim, n_shared_experts * ffn_dim) if n_shared_experts > 0 else None
+        # The latest forward's statistics, read by the trainer's auxiliary losses and metrics
+        # (a Transformer block returns only its output).
+        self.last_stats: RouterStats | None = None
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """For tokens x [T, dim]: logits [T, E] (fp32), probabilities [T, E] summing to 1 per
@@ -148,4 +151,5 @@ class MoE(nn.Module):
             counts=counts.detach(), prob_sum=probs.sum(dim=0), logits=logits, n_tokens=n_tokens,
             dropped_fraction=1.0 - kept.numel() / max(slot_expert.numel(), 1),
         )
+        self.last_stats = stats
         return out.reshape(shape), stats

@@ -2,6 +2,7 @@
 
 1. tensor parallel (+ sequence parallel): shard the layers over the tp group (tensor.py);
 2. context parallel: attention becomes ring attention over the cp group (context.py);
+   then MoE layers: routed experts split over the folded ep groups (folding.py, expert.py);
 3. activation recomputation (recompute.py);
 4. pipeline parallel: keep this rank's stage of the model, run by a schedule (pipeline.py);
 5. data parallel with ZeRO over dp x cp (zero.py; ZeRO-3 gathering in zero3.py).
@@ -13,6 +14,7 @@ how the full, layout-free state is gathered for checkpoints and loaded back.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +33,7 @@ from plait.parallel.recompute import apply_recompute
 from plait.parallel.tensor import TensorShard, apply_tensor_parallel, vocab_parallel_cross_entropy
 from plait.parallel.zero import ZeroEngine
 from plait.parallel.zero3 import Zero3Gatherer, transformer_units
+from plait.parallel.folding import ExpertGroups, MoEEngine, apply_moe_parallel
 
 
 @dataclass
@@ -43,6 +46,7 @@ class ParallelModel:
     vocab_size: int
     runner: PipelineRunner | None = None  # pipeline parallel only
     tied_group: Group | None = None  # the first and last pipeline rank, when embeddings are tied
+    expert_groups: ExpertGroups | None = None  # MoE models: the folded ep / edp / token groups
 
     def local_batch(self, inputs: torch.Tensor, targets: torch.Tensor
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -102,6 +106,9 @@ def parallelize(model: nn.Module, cfg: Config, mesh: Mesh, comm: Comm, device: t
         tp_shards = apply_tensor_parallel(model, mesh.tp, comm, p.sequence_parallel, seed=None)
     if p.cp > 1:
         apply_context_parallel(model, mesh.cp, comm)
+    expert_groups = None
+    if cfg.model.n_experts:  # MoE layers: experts over the folded ep groups (folding.py)
+        expert_groups = apply_moe_parallel(model, mesh, comm, p.ep)
     if cfg.train.recompute != "none":
         apply_recompute(model, cfg.train.recompute)
     runner, tied_group, norm_exclude = None, None, frozenset()
@@ -110,7 +117,8 @@ def parallelize(model: nn.Module, cfg: Config, mesh: Mesh, comm: Comm, device: t
         model = runner.stage
         if runner.stage.tied and runner.stage.holds_head and not runner.stage.holds_embedding:
             norm_exclude = frozenset({"embed.weight"})  # the last stage's copy: count it once
-    engine = ZeroEngine(
+    engine_type = ZeroEngine if expert_groups is None else functools.partial(MoEEngine, expert_groups=expert_groups)
+    engine = engine_type(
         model, comm, mesh.dp_cp, cfg.optim, stage=p.zero, dtype=cfg.train.dtype, reduce_dtype=p.reduce_dtype,
         bucket_bytes=int(p.bucket_mb * 2**20), device=device, offload=p.offload == "optimizer",
         units=transformer_units(model) if p.zero == 3 else None, tp_group=mesh.tp,
@@ -120,7 +128,8 @@ def parallelize(model: nn.Module, cfg: Config, mesh: Mesh, comm: Comm, device: t
         Zero3Gatherer(engine, model)
     if runner is not None:
         runner.dtype = engine.compute_dtype  # the engine may have cast parameters to bf16
-    return ParallelModel(model, engine, tp_shards, mesh, comm, cfg.model.vocab_size, runner, tied_group)
+    return ParallelModel(model, engine, tp_shards, mesh, comm, cfg.model.vocab_size, runner, tied_group,
+                         expert_groups)
 
 
 def _pipeline(model: nn.Module, cfg: Config, mesh: Mesh, comm: Comm) -> tuple[PipelineRunner, Group | None]:

@@ -223,10 +223,12 @@ def apply_tensor_parallel(model: Transformer, group: Group, comm: Comm, sequence
         attn.wk = ColumnParallelLinear(cfg.dim, cfg.n_kv_heads * head_dim, *args, enter_region=False)
         attn.wv = ColumnParallelLinear(cfg.dim, cfg.n_kv_heads * head_dim, *args, enter_region=False)
         attn.wo = RowParallelLinear(cfg.n_heads * head_dim, cfg.dim, *args)
+        block.attn_norm = _swap_norm(block.attn_norm, *args)
+        if getattr(block, "is_moe", False):
+            continue  # experts are not tensor-parallel (etp = 1): the MoE keeps its local tokens (folding.py)
         mlp.w_gate = ColumnParallelLinear(cfg.dim, cfg.ffn_dim, *args, enter_region=False)
         mlp.w_up = ColumnParallelLinear(cfg.dim, cfg.ffn_dim, *args, enter_region=False)
         mlp.w_down = RowParallelLinear(cfg.ffn_dim, cfg.dim, *args)
-        block.attn_norm = _swap_norm(block.attn_norm, *args)
         block.mlp_norm = _swap_norm(block.mlp_norm, *args)
     model.norm = _swap_norm(model.norm, *args)
     model.embed = VocabParallelEmbedding(cfg.vocab_size, cfg.dim, *args)

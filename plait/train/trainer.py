@@ -28,6 +28,7 @@ from plait.parallel.recompute import count_saved_activation_bytes
 from plait.train import checkpoint as ckpt
 from plait.train.flops import flops_per_token, peak_flops
 from plait.train.metrics import Progress, RunLog
+from plait.train.moe_aux import build_moe_aux
 from plait.train.lr_schedule import lr_at
 from plait.train.resume import TrainState, check_compatible, checkpoint_files, choose_checkpoint, restore
 from plait.train.runtime import Runtime, init_runtime, peak_memory_bytes
@@ -65,6 +66,9 @@ class Trainer:
         self.peak = peak_flops(runtime.device)
         self.accum = accumulation_steps(cfg)
         self.tokens_per_step = cfg.train.global_batch * cfg.model.seq_len
+        # MoE models: router auxiliary losses and expert-load metrics (None when dense).
+        self.moe = build_moe_aux(self.model, cfg, self.parallel.expert_groups, self.comm,
+                                 self.tokens_per_step, self.accum)
         self.log = RunLog(run_dir, enabled=runtime.is_main, tensorboard=cfg.log.tensorboard)
         self.trace = TraceRecorder(runtime.rank, enabled=cfg.log.trace)
         if cfg.log.trace:
@@ -176,7 +180,10 @@ class Trainer:
                 if index == 0:
                     activation_bytes = saved.bytes
                 with self.trace.span("backward", microbatch=index):
-                    loss.backward()
+                    if self.moe is not None:  # adds the router losses' share
+                        self.moe.backward(loss, final=index == len(micro_batches) - 1)
+                    else:
+                        loss.backward()
             local_loss += loss.detach()
         return local_loss, activation_bytes
 
@@ -241,6 +248,7 @@ class Trainer:
                     "mfu": (tokens_per_s * self.flops_per_token / (self.peak * self.rt.world_size)
                             if self.peak else None),
                     **stats,
+                    **(self.moe.step_metrics() if self.moe is not None else {}),
                 }
                 if step == cfg.train.steps or (cfg.train.eval_every and step % cfg.train.eval_every == 0):
                     row["val_loss"] = result.val_loss = self.evaluate()
