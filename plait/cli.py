@@ -79,7 +79,7 @@ def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
     load_data(cfg.data, cfg.model.vocab_size, cfg.model.seq_len)
     from plait.launch import launch_local
 
-    return launch_local(nproc, argv)
+    return launch_local(nproc, argv, cfg=cfg, run_dir=run_dir)
 
 
 def cmd_sample(args: argparse.Namespace) -> int:

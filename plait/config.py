@@ -122,6 +122,27 @@ class LogConfig:
 
 
 @dataclass
+class FaultConfig:
+    # Faults to rehearse, ";"-separated: "crash@rank=2,step=7", "hang@rank=1,step=5",
+    # "slow@rank=3,delay=0.5" (from step= on, default 1); "": none. See plait/resilience/inject.py.
+    inject: str = ""
+
+
+@dataclass
+class ResilienceConfig:
+    # restart: the launcher restarts the workers after a fault and they resume from the newest
+    # in-memory snapshot (else checkpoint); none: a fault ends the run. elastic: not yet supported.
+    mode: Literal["none", "restart", "elastic"] = "restart"
+    max_restarts: int = 3  # worker-group restarts the local launcher allows (restart mode)
+    snapshot_every: int = 10  # steps between in-memory snapshots (restart mode under a launcher); 0: none
+    heartbeat_s: float = 0.5  # how often each rank's watchdog publishes its heartbeat
+    hang_s: float = 0.0  # a collective waited in this long with a rank missing is a hang; 0: timeout_s / 2
+    slow_k: float = 8.0  # a rank is slow when its lateness exceeds the median by slow_k MADs ...
+    slow_window: int = 8  # ... over this many steps (and by at least slow_min_fraction of a step)
+    slow_min_fraction: float = 0.1
+
+
+@dataclass
 class Config:
     name: str = "custom"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -131,6 +152,8 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    fault: FaultConfig = field(default_factory=FaultConfig)
+    resilience: ResilienceConfig = field(default_factory=ResilienceConfig)
 
 
 SECTIONS = {f.name: f.type for f in dataclasses.fields(Config) if f.name != "name"}
@@ -348,7 +371,27 @@ def validate(cfg: Config, world_size: int) -> Config:
         _validate_pipeline(cfg)
     if m.n_experts:
         _validate_moe(cfg)
+    _validate_resilience(cfg)
     return cfg
+
+
+def _validate_resilience(cfg: Config) -> None:
+    from plait.resilience.inject import parse_faults  # imported here: it imports this module's errors
+
+    r = cfg.resilience
+    if r.mode == "elastic":
+        raise ConfigError("resilience.mode=elastic is not yet supported (use restart)")
+    for name in ("max_restarts", "snapshot_every", "slow_window"):
+        if getattr(r, name) < 0:
+            raise ConfigError(f"resilience.{name}={getattr(r, name)} must not be negative")
+    for name in ("heartbeat_s", "slow_k"):
+        if getattr(r, name) <= 0:
+            raise ConfigError(f"resilience.{name}={getattr(r, name)} must be positive")
+    if r.hang_s < 0:
+        raise ConfigError(f"resilience.hang_s={r.hang_s} must not be negative")
+    if not 0 <= r.slow_min_fraction < 1:
+        raise ConfigError(f"resilience.slow_min_fraction={r.slow_min_fraction} must lie in [0, 1)")
+    parse_faults(cfg.fault.inject)  # raises ConfigError naming fault.inject
 
 
 def _validate_moe(cfg: Config) -> None:

@@ -54,6 +54,7 @@ class CollectiveRecord:
     bytes_sent: int
     entered: float
     left: float | None = None
+    ranks: tuple[int, ...] = ()  # the group's global ranks (fault detection compares them)
 
 
 class Handle:
@@ -85,6 +86,8 @@ class Comm:
     calls: int = 0
     # Called with each finished record (tracing, fault detection); keep them cheap.
     observers: list[Callable[[CollectiveRecord], None]] = field(default_factory=list)
+    # Called with (group name, op) before a collective is entered (fault injection).
+    before_collective: list[Callable[[str, str], None]] = field(default_factory=list)
 
     # --- accounting -------------------------------------------------------------------
     def _enter(self, group: Group, op: str, tag: str, bytes_sent: float) -> CollectiveRecord:
@@ -92,7 +95,7 @@ class Comm:
         self.calls += 1
         record = CollectiveRecord(
             group=group.name, seq=self.sequence[group.name], op=op, tag=tag,
-            bytes_sent=int(round(bytes_sent)), entered=time.monotonic(),
+            bytes_sent=int(round(bytes_sent)), entered=time.monotonic(), ranks=tuple(group.ranks),
         )
         self.bytes_by_tag[tag] += record.bytes_sent
         self.history.append(record)
@@ -109,6 +112,8 @@ class Comm:
         return total
 
     def _run(self, group: Group, op: str, tag: str, bytes_sent: float, launch, async_op: bool) -> Handle | None:
+        for hook in self.before_collective:
+            hook(group.name, op)
         record = self._enter(group, op, tag, bytes_sent)
         handle = Handle(launch(), record, self._finished if self.observers else None)
         if async_op:

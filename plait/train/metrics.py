@@ -74,7 +74,7 @@ class RunLog:
                 if row.get(key) is not None:
                     self._tb.add_scalar(key, row[key], row["step"])
 
-    def event(self, kind: str, **fields: Any) -> None:
+    def event(self, kind: str, /, **fields: Any) -> None:
         if not self.enabled:
             return
         self._events.write(json.dumps({"event": kind, "time": time.time(), **fields}) + "\n")

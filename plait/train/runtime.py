@@ -64,10 +64,15 @@ def init_runtime(cfg: Config) -> Runtime:
             backend = "nccl" if device.type == "cuda" else "gloo"
         if backend == "nccl" and device.type != "cuda":
             raise ConfigError("parallel.backend=nccl needs train.device=cuda")
+        from plait.resilience.rendezvous import generation_store
+
+        timeout = datetime.timedelta(seconds=cfg.parallel.timeout_s)
+        store = generation_store(timeout)  # keeps a restarted generation off the last one's keys
         dist.init_process_group(
             backend=backend,
-            timeout=datetime.timedelta(seconds=cfg.parallel.timeout_s),
+            timeout=timeout,
             device_id=device if device.type == "cuda" else None,
+            **({"store": store, "rank": int(env["RANK"]), "world_size": int(env["WORLD_SIZE"])} if store else {}),
         )
         rank, world_size = dist.get_rank(), dist.get_world_size()
     else:

@@ -25,6 +25,7 @@ from plait.model import build_model, count_parameters
 from plait.parallel.comm import BOOKKEEPING, Comm
 from plait.parallel.parallelize import parallelize
 from plait.parallel.recompute import count_saved_activation_bytes
+from plait.resilience.session import Resilience
 from plait.train import checkpoint as ckpt
 from plait.train.flops import flops_per_token, peak_flops
 from plait.train.metrics import Progress, RunLog
@@ -76,6 +77,7 @@ class Trainer:
             if self.parallel.runner is not None:
                 self.parallel.runner.trace = self.trace
         self.state = TrainState()
+        self.resilience = Resilience(cfg, run_dir, runtime, self.comm, self.mesh)
 
     # --- setup ----------------------------------------------------------------------------
     def _load_data(self) -> PreparedData:
@@ -90,10 +92,11 @@ class Trainer:
         if self.rt.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.toml").write_text(config_mod.to_toml(self.cfg))
-        chosen = None
+        chosen, source = None, "disk"
         if self.rt.is_main:
             try:
                 path, rejected = choose_checkpoint(self.cfg, self.run_dir)
+                path, rejected, source = self.resilience.prefer_snapshot(path, rejected)
                 warnings = check_compatible(path, self.cfg) if path else []
                 chosen = ("ok", str(path) if path else None, [(str(p), why) for p, why in rejected], warnings)
             except Exception as exc:  # every rank must hear about it, or the others would hang
@@ -110,11 +113,13 @@ class Trainer:
         for warning in warnings:
             self.log.event("warning", message=warning)
             self._say(f"warning: {warning}")
+        dropped = 0
         if path is not None:
             self.state = restore(Path(path), self.parallel.load_full_state, self.rt.rank)
             dropped = self.log.truncate_metrics(self.state.step)
             self.log.event("resumed", checkpoint=path, step=self.state.step, dropped_metric_rows=dropped)
             self._say(f"resumed from {path} at step {self.state.step}")
+        self.resilience.resumed(self.log, self.state.step, dropped, source)  # after a restart
         self.log.event(
             "start", name=self.cfg.name, world_size=self.rt.world_size, layout=self.mesh.describe(),
             parameters=self.n_params, device=str(self.rt.device), data=self.data.description,
@@ -233,6 +238,7 @@ class Trainer:
         last_saved = self.state.step if self.state.step else None
         try:
             for step in range(self.state.step + 1, cfg.train.steps + 1):
+                self.resilience.begin_step(step)
                 started = time.perf_counter()
                 local_loss, grad_norm, lr, activation_bytes = self.train_step(step)
                 if self.rt.device.type == "cuda":
@@ -259,6 +265,7 @@ class Trainer:
                 if step == cfg.train.steps or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
                     self.save_checkpoint()
                     last_saved = step
+                self.resilience.end_step(self, step, step_time)
             if last_saved != self.state.step:
                 self.save_checkpoint()
         finally:
@@ -292,6 +299,7 @@ class Trainer:
                         seed=self.cfg.train.seed, device=self.rt.device)
 
     def close(self) -> None:
+        self.resilience.close(finished=self.state.step >= self.cfg.train.steps)
         self.log.close()
 
 

@@ -1,0 +1,112 @@
+"""Each rank's watchdog: a daemon thread that publishes a compact heartbeat to the job's store.
+
+The heartbeat says where this rank is: its step, how far it has got in each group's sequence
+of collectives (entered and completed), the collective it is waiting in and for how long, and,
+per recent step, how long it waited in collectives in total. The monitor (monitor.py, in the
+launcher) compares the ranks' heartbeats to name a crashed, hung or slow rank. Publishing
+from a thread keeps it going while the main thread is stuck (a hang) and off the step's
+critical path; what the main thread adds per collective is one observer call.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+from collections import Counter, deque
+from typing import Any
+
+from plait.parallel.comm import CollectiveRecord, Comm
+
+STORE_ENV = "PLAIT_MONITOR_STORE"  # host:port of the launcher's store, set by plait.launch
+KEY = "plait/heartbeat/{rank}"
+
+
+def connect_store(address: str, timeout_s: float = 30.0) -> Any:
+    """A client of the launcher's TCPStore at `host:port`."""
+    import datetime
+
+    import torch.distributed as dist
+
+    host, _, port = address.rpartition(":")
+    return dist.TCPStore(host, int(port), is_master=False, wait_for_workers=False,
+                         timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def generation() -> int:
+    """How many times the launcher has restarted the worker group (0: the first start)."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+
+
+class Watchdog:
+    def __init__(self, store: Any, comm: Comm, rank: int, world_size: int, interval_s: float, window: int):
+        self.store, self.comm, self.rank = store, comm, rank
+        self.interval_s = interval_s
+        self.base = {"rank": rank, "world_size": world_size, "host": socket.gethostname(),
+                     "pid": os.getpid(), "generation": generation()}
+        self.step = 0
+        self.training = False  # hang checks start with the first step (setup may wait on rank 0)
+        self.completed: Counter = Counter()
+        self.last: tuple[str, str, int] = ("", "", 0)  # the newest completed collective
+        self._wait = 0.0  # seconds spent in collectives in the current step
+        self._worst: tuple[float, str, str] = (0.0, "", "")
+        self.steps: deque = deque(maxlen=max(2 * window, 4))  # (step, wait_s, step_time_s, group, op)
+        self._stop = threading.Event()
+        comm.observers.append(self._on_collective)
+        self._thread = threading.Thread(target=self._run, name="plait-watchdog", daemon=True)
+        self._thread.start()
+
+    # --- main thread ------------------------------------------------------------------------
+    def _on_collective(self, record: CollectiveRecord) -> None:
+        self.completed[record.group] = max(self.completed[record.group], record.seq)
+        self.last = (record.group, record.op, record.seq)
+        waited = record.left - record.entered
+        self._wait += waited
+        if waited > self._worst[0]:
+            self._worst = (waited, record.group, record.op)
+
+    def begin_step(self, step: int) -> None:
+        self.step, self.training = step, True
+
+    def end_step(self, step: int, step_time_s: float) -> None:
+        self.steps.append((step, round(self._wait, 6), round(step_time_s, 6), self._worst[1], self._worst[2]))
+        self._wait, self._worst = 0.0, (0.0, "", "")
+
+    # --- the thread -------------------------------------------------------------------------
+    def heartbeat(self, state: str = "running") -> dict[str, Any]:
+        now = time.monotonic()
+        inflight = None
+        for _ in range(3):
+            try:  # the main thread may change these while we copy them: then copy again
+                last = self.comm.history[-1] if self.comm.history else None
+                entered, completed, steps = dict(self.comm.sequence), dict(self.completed), list(self.steps)
+                break
+            except (IndexError, RuntimeError):
+                last, entered, completed, steps = None, {}, {}, []
+        if last is not None and last.left is None:
+            inflight = {"group": last.group, "ranks": list(last.ranks), "seq": last.seq, "op": last.op,
+                        "waiting_s": round(now - last.entered, 4)}
+        return {**self.base, "state": state, "time": time.time(), "step": self.step,
+                "training": self.training, "entered": entered, "completed": completed,
+                "inflight": inflight, "steps": steps, "last": list(self.last)}
+
+    def publish(self, state: str = "running") -> None:
+        self.store.set(KEY.format(rank=self.rank), json.dumps(self.heartbeat(state)))
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.publish()
+            except Exception:  # noqa: BLE001 - the store went away (the job is ending): stop quietly
+                return
+
+    def stop(self, state: str) -> None:
+        """Stop beating; `state` ("done" or "failed") tells the monitor this exit is not a crash."""
+        self._stop.set()
+        self._thread.join(timeout=2 * self.interval_s + 1)
+        try:
+            self.publish(state)
+        except Exception:  # noqa: BLE001
+            pass

@@ -1,0 +1,131 @@
+"""Fault injection for tests and for rehearsing failures: `fault.inject`.
+
+    crash@rank=2,step=7           rank 2 exits abruptly (os._exit) as step 7 begins
+    hang@rank=1,step=5            rank 1 sleeps for ever before its first collective of step 5
+    slow@rank=3,delay=0.5[,step=] rank 3 sleeps `delay` seconds before each collective from step on
+
+Several faults are separated by ";". A crash or hang fires once per run: it is recorded in
+the run directory before it fires, so the workers that the launcher restarts (and that redo
+the step) do not fire it again. A slow rank stays slow: it is a property of the machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from plait.errors import ConfigError
+
+KINDS = ("crash", "hang", "slow")
+FIRED_DIR = ".faults"  # in the run directory: one file per fault that has fired
+CRASH_EXIT_CODE = 43
+
+
+@dataclass(frozen=True)
+class Fault:
+    kind: str
+    rank: int
+    step: int = 1
+    delay: float = 0.0
+
+    def describe(self) -> str:
+        extra = f",delay={self.delay:g}" if self.kind == "slow" else ""
+        return f"{self.kind}@rank={self.rank},step={self.step}{extra}"
+
+
+def parse_faults(text: str) -> list[Fault]:
+    """Parse `fault.inject`; anything malformed raises ConfigError naming the field."""
+    faults = []
+    for item in (part.strip() for part in text.split(";")):
+        if not item:
+            continue
+        kind, at, args = item.partition("@")
+        kind = kind.strip()
+        if kind not in KINDS or not at:
+            raise ConfigError(f"fault.inject: '{item}' must look like crash@rank=R,step=S, "
+                              "hang@rank=R,step=S or slow@rank=R,delay=SECONDS")
+        values: dict[str, str] = {}
+        for pair in args.split(","):
+            key, eq, value = pair.partition("=")
+            if not eq or key.strip() not in ("rank", "step", "delay"):
+                raise ConfigError(f"fault.inject: '{pair}' in '{item}' is not rank=, step= or delay=")
+            values[key.strip()] = value.strip()
+        try:
+            rank = int(values["rank"])
+            step = int(values.get("step", 1))
+            delay = float(values.get("delay", 0))
+        except KeyError:
+            raise ConfigError(f"fault.inject: '{item}' needs rank=") from None
+        except ValueError:
+            raise ConfigError(f"fault.inject: '{item}' has a value that is not a number") from None
+        if rank < 0 or step < 1:
+            raise ConfigError(f"fault.inject: '{item}' needs rank >= 0 and step >= 1")
+        if kind == "slow" and delay <= 0:
+            raise ConfigError(f"fault.inject: '{item}' needs delay= seconds > 0")
+        if kind != "slow" and "step" not in values:
+            raise ConfigError(f"fault.inject: '{item}' needs step=")
+        faults.append(Fault(kind, rank, step, delay))
+    return faults
+
+
+def fired_marker(run_dir: Path, fault: Fault) -> Path:
+    return run_dir / FIRED_DIR / fault.describe().replace("@", "_").replace(",", "_").replace("=", "")
+
+
+def fired_faults(run_dir: Path) -> list[dict]:
+    """What the markers say about faults that fired (kind, rank, step, time), oldest first."""
+    found = []
+    for marker in sorted((run_dir / FIRED_DIR).glob("*")):
+        try:
+            found.append(json.loads(marker.read_text()))
+        except (OSError, json.JSONDecodeError):
+            continue
+    return sorted(found, key=lambda f: f.get("time", 0))
+
+
+class FaultInjector:
+    """This rank's faults: `begin_step` at the start of each step, `before_collective` as a Comm hook."""
+
+    def __init__(self, faults: list[Fault], rank: int, run_dir: Path):
+        self.mine = [f for f in faults if f.rank == rank]
+        self.run_dir = run_dir
+        self.step = 0
+        self._slowed: set[Fault] = set()
+
+    @property
+    def active(self) -> bool:
+        return bool(self.mine)
+
+    def _claim(self, fault: Fault) -> bool:
+        """Record that `fault` fires now; False if it already fired in this run (before a restart)."""
+        marker = fired_marker(self.run_dir, fault)
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as f:
+            json.dump({"kind": fault.kind, "rank": fault.rank, "step": self.step, "time": time.time()}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        return True
+
+    def begin_step(self, step: int) -> None:
+        self.step = step
+        for fault in self.mine:
+            if fault.kind == "crash" and fault.step == step and self._claim(fault):
+                os._exit(CRASH_EXIT_CODE)  # no cleanup, no exception: as abrupt as a lost machine
+
+    def before_collective(self, group_name: str, op: str) -> None:
+        for fault in self.mine:
+            if fault.kind == "slow" and self.step >= fault.step:
+                if fault not in self._slowed:  # record when it began (the monitor's latency)
+                    self._slowed.add(fault)
+                    self._claim(fault)
+                time.sleep(fault.delay)
+            elif fault.kind == "hang" and fault.step == self.step and self._claim(fault):
+                while True:  # a hung process: alive (its watchdog still beats) but never arrives
+                    time.sleep(3600)

@@ -1,0 +1,290 @@
+"""Name the faulty rank from the ranks' heartbeats: crash, hang or slow.
+
+Synchronous training is periodic and uniform across ranks, so the odd one out is the culprit:
+- crash: the process is gone (or, on another host, its heartbeat stopped) without saying it
+  finished; among several dead ranks the culprit is the one that never entered the collective
+  the others were waiting in (they died of its absence), else the first seen gone;
+- hang: ranks have waited `hang_s` in collective #s of a group that a live member never
+  entered (its watchdog still beats: the process is there, its main thread is stuck);
+- slow: per step, each rank's lateness is the most any rank waited in collectives minus what
+  it waited itself (the last to arrive waits least). A rank is slow when its median lateness
+  over the last `window` steps exceeds the median of all ranks' lateness by `k` median
+  absolute deviations, and by at least `min_fraction` of a step: robust to jitter and to the
+  odd slow step (a checkpoint, an evaluation), and clock-free (durations, never timestamps).
+
+The classifiers are pure functions of heartbeat dicts (see heartbeat.py), tested on synthetic
+timings. `Monitor` runs them in a thread of the launcher: it outlives the workers, and unlike
+rank 0 it cannot itself be the rank that crashed or hung.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import statistics
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from plait.resilience.heartbeat import KEY
+from plait.resilience.inject import fired_faults
+
+FAULT_KEY = "plait/fault/{generation}"  # the detection record the restarted workers read
+MAD_TO_SIGMA = 1.4826  # MAD of a normal distribution x this = its standard deviation
+
+
+@dataclass
+class Verdict:
+    kind: str  # crash | hang | slow
+    rank: int
+    host: str = ""
+    pid: int = 0
+    group: str = ""
+    collective: str = ""
+    seq: int = 0
+    step: int = 0
+    onset: float | None = None  # wall time the fault is estimated to have begun
+    detail: str = ""
+    waiting_ranks: list[int] = field(default_factory=list)
+
+
+def _laggard(beats: dict[int, dict], candidates: list[int], now: float, min_wait_s: float
+             ) -> tuple[int, dict, list[int], float] | None:
+    """The candidate that never entered a collective others have waited in for >= min_wait_s.
+
+    Returns (culprit, the collective, every rank waiting in it, the longest wait)."""
+    found: dict[tuple[int, str, int], tuple[dict, list[int], float]] = {}
+    for rank, beat in beats.items():
+        flight = beat.get("inflight")
+        if not flight:
+            continue
+        waited = flight["waiting_s"] + max(0.0, now - beat["time"])
+        for other in flight["ranks"]:
+            if other in candidates and other in beats and beats[other]["entered"].get(flight["group"], 0) < flight["seq"]:
+                key = (other, flight["group"], flight["seq"])
+                _, waiting, longest = found.get(key, (flight, [], 0.0))
+                found[key] = (flight, waiting + [rank], max(longest, waited))
+    if not found:
+        return None
+    (culprit, _, _), (flight, waiting, waited) = max(found.items(), key=lambda item: item[1][2])
+    if waited < min_wait_s:
+        return None
+    return culprit, flight, sorted(waiting), waited
+
+
+def find_crash(beats: dict[int, dict], gone: list[int], now: float) -> Verdict | None:
+    """`gone`: ranks whose process has ended without reporting a clean finish, first seen first."""
+    if not gone:
+        return None
+    found = _laggard(beats, gone, now, 0.0)
+    if found is not None:
+        rank, flight, waiting, _ = found
+        beat = beats[rank]
+        return Verdict("crash", rank, beat["host"], beat["pid"], flight["group"], flight["op"], flight["seq"],
+                       beat["step"], onset=beat["time"], waiting_ranks=sorted(waiting),
+                       detail=f"gone before collective #{flight['seq']} of group {flight['group']}")
+    # No evidence of who left the others waiting: an abrupt death beats an exception exit.
+    rank = sorted(gone, key=lambda r: (beats[r].get("state") == "failed", gone.index(r)))[0]
+    beat = beats[rank]
+    flight = beat.get("inflight")
+    if flight:
+        where = (flight["group"], flight["op"], flight["seq"])
+        detail = f"process gone; last seen in {flight['op']} #{flight['seq']} of group {flight['group']}"
+    else:
+        where = tuple(beat.get("last") or ("", "", 0))
+        detail = (f"process gone after completing {where[1]} #{where[2]} of group {where[0]}" if where[0]
+                  else "process gone")
+    if beat.get("state") == "failed":
+        detail += " (it exited with an error)"
+    return Verdict("crash", rank, beat["host"], beat["pid"], *where, beat["step"], onset=beat["time"], detail=detail)
+
+
+def find_hang(beats: dict[int, dict], now: float, hang_s: float) -> Verdict | None:
+    live = [r for r, b in beats.items() if b.get("training") and b.get("state") == "running"]
+    found = _laggard(beats, live, now, hang_s)
+    if found is None:
+        return None
+    rank, flight, waiting, waited = found
+    beat = beats[rank]
+    return Verdict("hang", rank, beat["host"], beat["pid"], flight["group"], flight["op"], flight["seq"],
+                   beat["step"], onset=now - waited, waiting_ranks=sorted(waiting),
+                   detail=f"ranks {sorted(waiting)} waited {waited:.1f} s in collective #{flight['seq']} "
+                          f"of group {flight['group']}, which rank {rank} never entered")
+
+
+def lateness_by_rank(beats: dict[int, dict], window: int) -> tuple[dict[int, list[float]], list[float]] | None:
+    """Per rank, its lateness in each of the last `window` steps all ranks reported; and step times."""
+    per_rank = {r: {s[0]: s for s in b.get("steps", [])} for r, b in beats.items()}
+    common = set.intersection(*(set(s) for s in per_rank.values())) if per_rank else set()
+    steps = sorted(common)[-window:]
+    if window == 0 or len(steps) < window:
+        return None
+    late: dict[int, list[float]] = {r: [] for r in per_rank}
+    for step in steps:
+        waits = {r: per_rank[r][step][1] for r in per_rank}
+        most = max(waits.values())
+        for r, wait in waits.items():
+            late[r].append(most - wait)
+    step_times = [per_rank[r][s][2] for r in per_rank for s in steps]
+    return late, step_times
+
+
+def find_slow(beats: dict[int, dict], k: float, window: int, min_fraction: float) -> list[Verdict]:
+    measured = lateness_by_rank(beats, window)
+    if measured is None:
+        return []
+    late, step_times = measured
+    pooled = [x for values in late.values() for x in values]
+    centre = statistics.median(pooled)
+    mad = statistics.median(abs(x - centre) for x in pooled)
+    floor = min_fraction * statistics.median(step_times)
+    threshold = centre + max(k * MAD_TO_SIGMA * mad, floor)
+    verdicts = []
+    for rank, values in sorted(late.items()):
+        typical = statistics.median(values)
+        if typical > threshold:
+            beat = beats[rank]
+            # The collective the punctual ranks waited in longest, in the newest step.
+            others = [b["steps"][-1] for r, b in beats.items() if r != rank and b.get("steps")]
+            group, op = (others[0][3], others[0][4]) if others else ("", "")
+            verdicts.append(Verdict(
+                "slow", rank, beat["host"], beat["pid"], group, op, 0, beat["step"],
+                detail=f"arrives {typical:.3f} s late per step (median of {window} steps; "
+                       f"threshold {threshold:.3f} s = median {centre:.3f} s + max({k:g} MADs, "
+                       f"{min_fraction:g} of a {statistics.median(step_times):.3f} s step))"))
+    return verdicts
+
+
+def process_gone(pid: int) -> bool:
+    """True when `pid` (on this host) has exited, zombies included (not yet reaped by the agent)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+    except (OSError, IndexError):
+        try:
+            os.kill(pid, 0)
+            return False
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+
+
+class Monitor:
+    """A launcher thread: reads heartbeats, names faults in events.jsonl and on stderr, kills a hung rank."""
+
+    def __init__(self, store: Any, world_size: int, run_dir: Path, heartbeat_s: float, hang_s: float,
+                 slow_k: float, slow_window: int, slow_min_fraction: float, restart: bool):
+        self.store, self.world_size, self.run_dir = store, world_size, run_dir
+        self.poll_s = min(0.05, heartbeat_s / 2)
+        self.stale_s = max(20 * heartbeat_s, 10.0)  # a heartbeat this old on another host: crashed
+        self.hang_s, self.restart = hang_s, restart
+        self.slow = (slow_k, slow_window, slow_min_fraction)
+        self.host = socket.gethostname()
+        self.generation = -1  # the newest worker generation seen
+        self.handled: set[int] = set()  # generations whose crash or hang has been reported
+        self.slow_reported: set[tuple[int, int]] = set()
+        self.gone: list[int] = []
+        self.verdicts: list[Verdict] = []
+        self._used_markers: set[tuple] = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="plait-monitor", daemon=True)
+
+    def start(self) -> "Monitor":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _read(self) -> dict[int, dict]:
+        beats = {}
+        for rank in range(self.world_size):
+            key = KEY.format(rank=rank)
+            if self.store.check([key]):
+                beats[rank] = json.loads(self.store.get(key))
+        newest = max((b["generation"] for b in beats.values()), default=-1)
+        if newest > self.generation:  # the launcher restarted the workers: start afresh
+            self.generation, self.gone = newest, []
+        return {r: b for r, b in beats.items() if b["generation"] == self.generation}
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.poll_s):
+            try:
+                self.check(self._read(), time.time())
+            except Exception as exc:  # noqa: BLE001 - the monitor must never take the job down
+                if self._stop.is_set():
+                    return
+                print(f"plait: monitor: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+
+    def check(self, beats: dict[int, dict], now: float) -> None:
+        if self.generation in self.handled or not beats:
+            return
+        for rank, beat in beats.items():
+            if beat["state"] == "done" or rank in self.gone:
+                continue
+            dead = (process_gone(beat["pid"]) if beat["host"] == self.host
+                    else now - beat["time"] > self.stale_s)
+            if dead:
+                self.gone.append(rank)
+        verdict = find_crash(beats, self.gone, now) or find_hang(beats, now, self.hang_s)
+        if verdict is not None:
+            self.handled.add(self.generation)
+            self._report(verdict, now)
+            if verdict.kind == "hang" and verdict.host == self.host:
+                # Its peers would only fail at the collective timeout; end it now so the
+                # launcher restarts the workers (or, in mode none, the job ends) sooner.
+                try:
+                    os.kill(verdict.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            return
+        running = {r: b for r, b in beats.items() if b["state"] == "running"}
+        if len(running) == self.world_size:
+            for verdict in find_slow(running, *self.slow):
+                if (self.generation, verdict.rank) not in self.slow_reported:
+                    self.slow_reported.add((self.generation, verdict.rank))
+                    self._report(verdict, now)
+
+    def _onset(self, verdict: Verdict) -> float | None:
+        """When an injected fault fired (its marker), else the classifier's estimate."""
+        for fired in reversed(fired_faults(self.run_dir)):
+            key = (fired["kind"], fired["rank"], fired["time"])
+            if fired["rank"] == verdict.rank and fired["kind"] == verdict.kind and key not in self._used_markers:
+                self._used_markers.add(key)
+                return fired["time"]
+        return verdict.onset
+
+    def _report(self, verdict: Verdict, now: float) -> None:
+        onset = self._onset(verdict)
+        latency = None if onset is None else round(max(0.0, now - onset), 3)
+        if verdict.kind == "slow":
+            action = "reported"
+        elif self.restart:
+            action = "restart"
+        else:
+            action = "stop"
+        record = {"event": "fault_detected", "time": now, **asdict(verdict), "collective": verdict.collective,
+                  "detection_latency_s": latency, "generation": self.generation,
+                  "world_size": self.world_size, "action": action}
+        record.pop("onset")
+        self.verdicts.append(verdict)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        with (self.run_dir / "events.jsonl").open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        where = f" in {verdict.collective}" + (f" #{verdict.seq}" if verdict.seq else "") + f" of group {verdict.group}"
+        where = where if verdict.group else ""
+        print(f"plait: fault detected: {verdict.kind} of rank {verdict.rank} (host {verdict.host}, pid "
+              f"{verdict.pid}) at step {verdict.step}{where}: {verdict.detail}"
+              + (f"; detected {latency:.2f} s after it began" if latency is not None else "")
+              + ("; restarting the workers" if action == "restart" else ""), file=sys.stderr, flush=True)
+        if verdict.kind != "slow":
+            self.store.set(FAULT_KEY.format(generation=self.generation), json.dumps(record))

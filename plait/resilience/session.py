@@ -1,0 +1,131 @@
+"""What the trainer does for resilience, in one object with a few calls from the loop:
+fault injection, the watchdog, in-memory snapshots, and the record of a recovery.
+
+- `begin_step` / `end_step` bracket each step (injection, heartbeat, snapshots);
+- `prefer_snapshot` picks the newest in-memory snapshot over an older disk checkpoint when
+  the workers were restarted;
+- `resumed` writes the `recovered` event: the fault, detection latency, time to recover,
+  steps redone and the world size before and after.
+
+Snapshots are taken only where they can be used: in restart mode under a launcher that
+restarts (TORCHELASTIC_MAX_RESTARTS > 0); the watchdog runs only where a monitor listens
+(the launcher's store address in PLAIT_MONITOR_STORE).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from plait.config import Config
+from plait.mesh import Mesh
+from plait.parallel.comm import CHECKPOINT, Comm
+from plait.resilience.heartbeat import STORE_ENV, Watchdog, connect_store, generation
+from plait.resilience.inject import FaultInjector, parse_faults
+from plait.resilience.monitor import FAULT_KEY
+from plait.resilience.snapshot import (buddy_rank, job_id, newest_valid_snapshot, snapshot_root, snapshot_step,
+                                       write_snapshot)
+from plait.train.runtime import Runtime
+
+if TYPE_CHECKING:
+    from plait.train.trainer import Trainer
+
+
+class Resilience:
+    def __init__(self, cfg: Config, run_dir: Path, rt: Runtime, comm: Comm, mesh: Mesh):
+        r = cfg.resilience
+        self.cfg, self.rt, self.comm, self.mesh = cfg, rt, comm, mesh
+        self.injector = FaultInjector(parse_faults(cfg.fault.inject), rt.rank, run_dir)
+        if self.injector.active:
+            comm.before_collective.append(self.injector.before_collective)
+        self.store: Any = None
+        self.watchdog: Watchdog | None = None
+        address = os.environ.get(STORE_ENV)
+        if r.mode != "none" and address and rt.world_size > 1:
+            self.store = connect_store(address)
+            self.watchdog = Watchdog(self.store, comm, rt.rank, rt.world_size, r.heartbeat_s, r.slow_window)
+        restarts = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0"))
+        self.snapshot_every = r.snapshot_every if r.mode == "restart" and restarts > 0 else 0
+        self.root = snapshot_root(run_dir, job_id())
+        self.buddy = buddy_rank(rt.world_size, rt.local_world_size)
+        self.started = time.time()
+
+    # --- the loop ---------------------------------------------------------------------------
+    def begin_step(self, step: int) -> None:
+        self.injector.begin_step(step)
+        if self.watchdog is not None:
+            self.watchdog.begin_step(step)
+
+    def end_step(self, trainer: "Trainer", step: int, step_time_s: float) -> None:
+        if self.watchdog is not None:
+            self.watchdog.end_step(step, step_time_s)
+        if self.snapshot_every and step % self.snapshot_every == 0 and step < self.cfg.train.steps:
+            self.snapshot(trainer)
+
+    def snapshot(self, trainer: "Trainer") -> None:
+        """Gather the full state (collective) and keep it in shared memory on rank 0 and its buddy."""
+        from plait.train.resume import checkpoint_files
+
+        rng_states = self.comm.all_gather_object(torch.get_rng_state(), self.mesh.world, tag=CHECKPOINT)
+        params, optim = trainer.parallel.full_state()
+        local_states = None  # per-rank state of local SGD or compression, as save_checkpoint keeps it
+        if getattr(trainer, "lowcomm", None) is not None:
+            local_states = self.comm.all_gather_object(trainer.lowcomm.state_dict(), self.mesh.world, tag=CHECKPOINT)
+        copy = "host" if self.rt.rank == 0 else "buddy" if self.rt.rank == self.buddy else None
+        if copy is None:
+            return
+        files = checkpoint_files(params, optim, trainer.state, self.cfg, rng_states,
+                                 trainer.data.tokenizer.to_json(), self.mesh.describe())
+        if local_states is not None:
+            from plait.lowcomm import training as lowcomm
+
+            files[lowcomm.LOCAL_STATE_FILE] = {"layout": self.mesh.describe(), "ranks": local_states}
+        write_snapshot(self.root, copy, trainer.state.step, files)
+
+    # --- resume -----------------------------------------------------------------------------
+    def prefer_snapshot(self, path: Path | None, rejected: list[tuple[Path, str]]
+                        ) -> tuple[Path | None, list[tuple[Path, str]], str]:
+        """Rank 0: the snapshot to resume from when it is newer than the disk checkpoint `path`.
+        Returns (path, rejected copies and checkpoints, "memory" | "disk")."""
+        if not self.root.is_dir():
+            return path, rejected, "disk"
+        snapshot, bad = newest_valid_snapshot(self.root)
+        disk_step = int(json.loads((path / "manifest.json").read_text())["step"]) if path else 0
+        if snapshot is not None and snapshot_step(snapshot) > disk_step:
+            return snapshot, bad + rejected, "memory"
+        return path, [(p, why) for p, why in bad if snapshot_step(p) > disk_step] + rejected, "disk"
+
+    def resumed(self, log: Any, step: int, steps_redone: int, source: str) -> None:
+        """Rank 0, after a restart: what the fault cost, in events.jsonl and on the console."""
+        gen = generation()
+        if gen == 0 or not self.rt.is_main:
+            return
+        if step == 0:  # nothing to resume from: every row of the failed attempt is redone
+            steps_redone = log.truncate_metrics(0)
+        fault: dict[str, Any] = {}
+        key = FAULT_KEY.format(generation=gen - 1)
+        if self.store is not None and self.store.check([key]):
+            fault = json.loads(self.store.get(key))
+        detected = fault.get("time")
+        now = time.time()
+        record = {
+            "kind": fault.get("kind", "unknown"), "culprit": fault.get("rank"), "host": fault.get("host"),
+            "detection_latency_s": fault.get("detection_latency_s"),
+            "recovery_time_s": round(now - detected, 3) if detected else None,
+            "steps_redone": steps_redone, "resumed_step": step, "source": source,
+            "world_size_before": fault.get("world_size", self.rt.world_size),
+            "world_size_after": self.rt.world_size, "restart": gen,
+        }
+        log.event("recovered", **record)
+        print(f"plait: recovered from {record['kind']} of rank {record['culprit']}: resumed at step {step} "
+              f"from {source} ({steps_redone} steps redone), "
+              f"{record['recovery_time_s']} s after detection", flush=True)
+
+    def close(self, finished: bool) -> None:
+        if self.watchdog is not None:
+            self.watchdog.stop("done" if finished else "failed")
