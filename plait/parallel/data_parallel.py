@@ -94,6 +94,14 @@ class GradientReducer:
         """Reduce every bucket now (after `deferred` backward passes)."""
         self._flush()
 
+    def absorb_all(self) -> None:
+        """Move every `.grad` into the resident buffers without communicating (a compressed
+        reduction then works on the buffers)."""
+        for b, bucket in enumerate(self.buckets):
+            if not self._zero_copy[b]:
+                for i in range(len(bucket.params)):
+                    self._absorb(b, i)
+
     # --- backward hooks ---------------------------------------------------------------
     def _on_grad_ready(self, param: torch.nn.Parameter) -> None:
         b, i = self._index[id(param)]

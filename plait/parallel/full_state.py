@@ -13,7 +13,6 @@ from plait.parallel.comm import CHECKPOINT, Comm, Group
 from plait.parallel.tensor import TensorShard, gather_full, shard_for_tp
 from plait.parallel.zero import ZeroEngine
 
-MOMENTS = ("exp_avg", "exp_avg_sq")
 State = tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]
 
 
@@ -32,7 +31,7 @@ def gather_full_state(engine: ZeroEngine, tp_shards: dict[str, TensorShard], tp_
             if name not in params:  # another pipeline stage's (tp peers share a stage: same names)
                 continue
             params[name] = gather(params[name], info)
-            for key in MOMENTS if name in optim else ():
+            for key in _moment_keys(optim.get(name)):
                 optim[name][key] = gather(optim[name][key], info)
     if pp_group is not None and pp_group.size > 1:
         for stage_params, stage_optim in comm.all_gather_object((params, optim), pp_group, tag=CHECKPOINT):
@@ -53,6 +52,11 @@ def local_state(params: dict[str, torch.Tensor], optim: dict[str, dict[str, torc
         if name not in params:
             continue
         params[name] = shard_for_tp(params[name], info.dim, tp_group.rank, tp_group.size)
-        for key in MOMENTS if name in optim else ():
+        for key in _moment_keys(optim.get(name)):
             optim[name][key] = shard_for_tp(optim[name][key], info.dim, tp_group.rank, tp_group.size)
     return params, optim
+
+
+def _moment_keys(state: dict | None) -> list[str]:
+    """The per-element tensors of a parameter's optimizer state (the 0-d step is shared)."""
+    return [k for k, v in (state or {}).items() if torch.is_tensor(v) and v.ndim > 0]

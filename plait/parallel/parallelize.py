@@ -5,7 +5,8 @@
    then MoE layers: routed experts split over the folded ep groups (folding.py, expert.py);
 3. activation recomputation (recompute.py);
 4. pipeline parallel: keep this rank's stage of the model, run by a schedule (pipeline.py);
-5. data parallel with ZeRO over dp x cp (zero.py; ZeRO-3 gathering in zero3.py).
+5. data parallel with ZeRO over dp x cp (zero.py; ZeRO-3 gathering in zero3.py); under local
+   SGD only over each worker's cp ranks (lowcomm/training.py).
 
 The result, `ParallelModel`, also answers the questions the training loop has that depend on
 the layout: which part of a batch this rank computes, how a step and the loss are run, and
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from plait.config import Config
+from plait.lowcomm.training import engine_group
 from plait.mesh import Mesh
 from plait.parallel.comm import Comm, Group
 from plait.parallel.context import apply_context_parallel, cp_positions, split_for_cp
@@ -119,7 +121,7 @@ def parallelize(model: nn.Module, cfg: Config, mesh: Mesh, comm: Comm, device: t
             norm_exclude = frozenset({"embed.weight"})  # the last stage's copy: count it once
     engine_type = ZeroEngine if expert_groups is None else functools.partial(MoEEngine, expert_groups=expert_groups)
     engine = engine_type(
-        model, comm, mesh.dp_cp, cfg.optim, stage=p.zero, dtype=cfg.train.dtype, reduce_dtype=p.reduce_dtype,
+        model, comm, engine_group(cfg, mesh), cfg.optim, stage=p.zero, dtype=cfg.train.dtype, reduce_dtype=p.reduce_dtype,
         bucket_bytes=int(p.bucket_mb * 2**20), device=device, offload=p.offload == "optimizer",
         units=transformer_units(model) if p.zero == 3 else None, tp_group=mesh.tp,
         pp_group=mesh.groups["pp"], norm_exclude=norm_exclude,

@@ -32,6 +32,7 @@ from plait.config import OptimConfig
 from plait.parallel.comm import CHECKPOINT, Comm, Group
 from plait.parallel.data_parallel import GradientReducer
 from plait.parallel.flat import Bucket, make_buckets
+from plait.parallel.optimizer import ELEMENTWISE_STATE, build_optimizer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -78,7 +79,11 @@ class ZeroEngine:
         for b, bucket in enumerate(self.buckets):
             segs = []
             for seg in bucket.segments(self.owner):
-                param = nn.Parameter(self.masters[b][seg.shard_start:seg.shard_start + seg.length])
+                view = self.masters[b][seg.shard_start:seg.shard_start + seg.length]
+                whole = bucket.params[seg.param_index]
+                if seg.length == whole.numel():  # unsharded: keep the shape (GaLore needs matrices)
+                    view = view.view(whole.shape)
+                param = nn.Parameter(view)
                 segs.append((param, seg.shard_start, seg.length))
                 # Norm weights (1-D) are not decayed: decay would pull their scale towards zero.
                 (decay if bucket.params[seg.param_index].ndim >= 2 else no_decay).append(param)
@@ -96,11 +101,12 @@ class ZeroEngine:
                     kind = 0 if name in norm_exclude else 2 if hasattr(bucket.params[seg.param_index], "_tp_dim") else 1
                     kinds[seg.shard_start:seg.shard_start + seg.length] = kind
                 self.norm_kinds.append(kinds)
-        groups = [{"params": decay, "weight_decay": optim.weight_decay},
-                  {"params": no_decay, "weight_decay": 0.0}]
-        fused = self.opt_device.type == "cuda"
-        self.optimizer = torch.optim.AdamW(groups, lr=optim.lr, betas=optim.betas, eps=optim.eps,
-                                           fused=fused, foreach=None if fused else True)
+        self.optim_name = optim.name
+        # Per-element state keys, gathered and sliced like the parameters; None: GaLore's
+        # whole-matrix state, kept as it is (it only runs unsharded, see optimizer.py).
+        self.moment_keys = ELEMENTWISE_STATE.get(optim.name)
+        self.optimizer = build_optimizer(optim, decay, no_decay, self.opt_device)
+        self.grad_sync = None  # a compressed replacement for the gradient all-reduce (lowcomm)
 
     # --- layout -------------------------------------------------------------------------
     def _flatten(self, bucket: Bucket) -> torch.Tensor:
@@ -131,6 +137,12 @@ class ZeroEngine:
     # --- a training step ------------------------------------------------------------------
     @contextmanager
     def micro_batch(self, final: bool) -> Iterator[None]:
+        if self.grad_sync is not None:  # accumulate untouched; reduce once, compressed
+            with self.reducer.deferred():
+                yield
+            if final:
+                self.sync_gradients()
+            return
         with self.reducer.micro_batch(final):
             yield
 
@@ -141,7 +153,33 @@ class ZeroEngine:
             yield
 
     def sync_gradients(self) -> None:
-        self.reducer.flush()
+        if self.grad_sync is None:
+            self.reducer.flush()
+            return
+        self.reducer.absorb_all()
+        self.grad_sync(self.named_grads())
+
+    def named_grads(self) -> dict[str, torch.Tensor]:
+        """Every parameter's gradient as a view into the resident buffers (stage 0 only)."""
+        return {name: self.reducer.full[b][offset:offset + p.numel()].view(p.shape)
+                for b, bucket in enumerate(self.buckets)
+                for name, p, offset in zip(bucket.names, bucket.params, bucket.offsets)}
+
+    def load_local(self, masters: list[torch.Tensor], optimizer_state: dict) -> None:
+        """Restore this rank's own masters and optimizer state (saved by the same layout)."""
+        with torch.no_grad():
+            for mine, saved in zip(self.masters, masters, strict=True):
+                mine.copy_(saved)
+        self.optimizer.load_state_dict(optimizer_state)
+        self._publish()
+
+    def reload_masters(self) -> None:
+        """Take the masters from the model's parameters after something outside the optimizer
+        (an outer local-SGD step) rewrote them."""
+        with torch.no_grad():
+            for b in range(len(self.buckets)):
+                if not self._master_is_param(b):
+                    self.masters[b].copy_(self._owned_params(b))
 
     def clip_grad_norm(self, max_norm: float) -> float:
         """Global L2 norm of the gradient (before clipping); scales gradients if it exceeds max_norm."""
@@ -173,7 +211,7 @@ class ZeroEngine:
         for b, segs in enumerate(self.segments):
             grad = self.reducer.grad_shard(b)
             for param, start, length in segs:
-                param.grad = grad[start:start + length].to(self.opt_device, torch.float32)
+                param.grad = grad[start:start + length].view(param.shape).to(self.opt_device, torch.float32)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.step()
@@ -221,25 +259,42 @@ class ZeroEngine:
     def _moment_shard(self, b: int, key: str) -> torch.Tensor:
         shard = torch.zeros(self.buckets[b].shard_size, dtype=torch.float32, device=self.opt_device)
         for param, start, length in self.segments[b]:
-            if key in self.optimizer.state.get(param, {}):
-                shard[start:start + length] = self.optimizer.state[param][key]
+            value = self.optimizer.state.get(param, {}).get(key)
+            if value is not None:
+                shard[start:start + length] = value.flatten()
         return shard
+
+    def _has_optimizer_state(self) -> bool:
+        return any(state for state in self.optimizer.state.values())
 
     def full_state(self, optimizer: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]:
         """Every parameter (fp32) and, unless `optimizer=False`, its AdamW state, in full on
         every rank (collective)."""
         params, optim = {}, {}
-        step = next((s["step"] for s in self.optimizer.state.values() if "step" in s), None) if optimizer else None
+        with_state = optimizer and self._has_optimizer_state()
+        step = next((s["step"] for s in self.optimizer.state.values() if "step" in s), None)
         for b, bucket in enumerate(self.buckets):
             flat = self._gather_flat(b, self.masters[b])
-            moments = ({k: self._gather_flat(b, self._moment_shard(b, k)) for k in ("exp_avg", "exp_avg_sq")}
-                       if step is not None else {})
-            for name, p, offset in zip(bucket.names, bucket.params, bucket.offsets):
+            moments = ({k: self._gather_flat(b, self._moment_shard(b, k)) for k in self.moment_keys}
+                       if with_state and self.moment_keys is not None else {})
+            for i, (name, p, offset) in enumerate(zip(bucket.names, bucket.params, bucket.offsets)):
                 params[name] = flat[offset:offset + p.numel()].view(p.shape).clone()
+                if not with_state:
+                    continue
+                if self.moment_keys is None:  # whole-matrix state, unsharded: as it is
+                    optim[name] = _cpu_copy(self.optimizer.state.get(self._segment_of(b, i), {}))
+                    continue
+                optim[name] = {k: v[offset:offset + p.numel()].view(p.shape).clone() for k, v in moments.items()}
                 if step is not None:
-                    optim[name] = {"step": step.detach().cpu().clone(),
-                                   **{k: v[offset:offset + p.numel()].view(p.shape).clone() for k, v in moments.items()}}
+                    optim[name]["step"] = torch.as_tensor(step).detach().cpu().clone()
         return params, optim
+
+    def _segment_of(self, b: int, param_index: int) -> nn.Parameter:
+        """The optimizer parameter of a whole (unsharded) parameter of bucket b."""
+        for seg, (param, _, _) in zip(self.buckets[b].segments(self.owner), self.segments[b]):
+            if seg.param_index == param_index:
+                return param
+        raise KeyError(self.buckets[b].names[param_index])
 
     def load_full_state(self, params: dict[str, torch.Tensor], optim: dict[str, dict[str, torch.Tensor]]) -> None:
         """Take this rank's slices of full, name-keyed tensors (written by any layout)."""
@@ -260,14 +315,19 @@ class ZeroEngine:
                     self.masters[b].copy_(flat[lo:hi])
                 if not optim:
                     continue
-                moments = {k: self._flat_from(bucket, {n: optim[n][k] for n in bucket.names})[lo:hi]
-                           for k in ("exp_avg", "exp_avg_sq")}
+                if self.moment_keys is None:
+                    for i, name in enumerate(bucket.names):
+                        self.optimizer.state[self._segment_of(b, i)] = _device_copy(optim[name], self.opt_device)
+                    continue
+                keys = [k for k in self.moment_keys if all(k in optim[n] for n in bucket.names)]
+                moments = {k: self._flat_from(bucket, {n: optim[n][k] for n in bucket.names})[lo:hi] for k in keys}
+                step = optim[bucket.names[0]].get("step")
                 for param, start, length in self.segments[b]:
-                    step = optim[bucket.names[0]]["step"]
-                    self.optimizer.state[param] = {
-                        "step": step.clone().to(self.opt_device if step.ndim else "cpu"),
-                        **{k: v[start:start + length].to(self.opt_device).clone() for k, v in moments.items()},
-                    }
+                    state = {k: v[start:start + length].view(param.shape).to(self.opt_device).clone()
+                             for k, v in moments.items()}
+                    if step is not None:
+                        state["step"] = step.clone().to(self.opt_device if step.ndim else "cpu")
+                    self.optimizer.state[param] = state
 
     @staticmethod
     def _flat_from(bucket: Bucket, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -275,3 +335,11 @@ class ZeroEngine:
         for name, p, offset in zip(bucket.names, bucket.params, bucket.offsets):
             flat[offset:offset + p.numel()] = tensors[name].flatten().float()
         return flat
+
+
+def _cpu_copy(state: dict) -> dict:
+    return {k: v.detach().cpu().clone() if torch.is_tensor(v) else v for k, v in state.items()}
+
+
+def _device_copy(state: dict, device: torch.device) -> dict:
+    return {k: v.to(device).clone() if torch.is_tensor(v) else v for k, v in state.items()}

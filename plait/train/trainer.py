@@ -19,10 +19,11 @@ import torch
 
 from plait import config as config_mod
 from plait.config import Config, accumulation_steps
+from plait.lowcomm import training as lowcomm
 from plait.data import GlobalSampler, PreparedData, ensure_prepared, eval_starts, get_batch, load_data
 from plait.mesh import Mesh, ParallelDims
 from plait.model import build_model, count_parameters
-from plait.parallel.comm import BOOKKEEPING, Comm
+from plait.parallel.comm import BOOKKEEPING, CHECKPOINT, Comm
 from plait.parallel.parallelize import parallelize
 from plait.parallel.recompute import count_saved_activation_bytes
 from plait.resilience.session import Resilience
@@ -60,6 +61,7 @@ class Trainer:
         self.parallel = parallelize(self.model, cfg, self.mesh, self.comm, runtime.device)
         self.model = self.parallel.model  # under pipeline parallelism: this rank's stage only
         self.engine = self.parallel.engine
+        self.lowcomm = lowcomm.build(cfg, self.model, self.engine, self.comm, self.mesh)
         self.forward = torch.compile(self.model) if cfg.train.compile else self.model
         self.sampler = GlobalSampler(len(self.data.train), cfg.model.seq_len, cfg.train.global_batch, cfg.train.seed)
         self.val_starts = eval_starts(len(self.data.val), cfg.model.seq_len, cfg.train.eval_batches * cfg.train.global_batch)
@@ -70,6 +72,9 @@ class Trainer:
         # MoE models: router auxiliary losses and expert-load metrics (None when dense).
         self.moe = build_moe_aux(self.model, cfg, self.parallel.expert_groups, self.comm,
                                  self.tokens_per_step, self.accum)
+        # The loss's denominator: the global batch's tokens, or under local SGD a worker's share.
+        self.workers = lowcomm.loss_workers(cfg)
+        self.loss_tokens = self.tokens_per_step // self.workers
         self.log = RunLog(run_dir, enabled=runtime.is_main, tensorboard=cfg.log.tensorboard)
         self.trace = TraceRecorder(runtime.rank, enabled=cfg.log.trace)
         if cfg.log.trace:
@@ -116,6 +121,8 @@ class Trainer:
         dropped = 0
         if path is not None:
             self.state = restore(Path(path), self.parallel.load_full_state, self.rt.rank)
+            if self.lowcomm is not None:
+                lowcomm.restore_local_state(self.lowcomm, Path(path), self.mesh.describe(), self.rt.rank)
             dropped = self.log.truncate_metrics(self.state.step)
             self.log.event("resumed", checkpoint=path, step=self.state.step, dropped_metric_rows=dropped)
             self._say(f"resumed from {path} at step {self.state.step}")
@@ -162,7 +169,7 @@ class Trainer:
         micro_batches = self._micro_batches(self.sampler.global_batch_starts(step))
         if self.parallel.runner is not None:
             batches = [self._batch(self.data.train, rows) for rows in micro_batches]
-            local_loss = self.parallel.pipeline_step(batches, self.tokens_per_step)
+            local_loss = self.parallel.pipeline_step(batches, self.loss_tokens)
             activation_bytes = None  # not measured through the pipeline schedule yet
         else:
             local_loss, activation_bytes = self._micro_batch_steps(micro_batches)
@@ -170,6 +177,9 @@ class Trainer:
             grad_norm = self.engine.clip_grad_norm(self.cfg.optim.grad_clip)
             self.engine.step(lr)
             self.engine.zero_grad()
+        if self.lowcomm is not None:
+            with self.trace.span("outer_sync"):
+                self.lowcomm.after_step(step)
         return local_loss, grad_norm, lr, activation_bytes
 
     def _micro_batch_steps(self, micro_batches: list[np.ndarray]) -> tuple[torch.Tensor, int]:
@@ -181,7 +191,7 @@ class Trainer:
                 with count_saved_activation_bytes(self.model.parameters()) if index == 0 else nullcontext() as saved:
                     with self.trace.span("forward", microbatch=index):
                         logits = self.forward(inputs, positions)
-                        loss = self.parallel.loss_sum(logits, targets) / self.tokens_per_step
+                        loss = self.parallel.loss_sum(logits, targets) / self.loss_tokens
                 if index == 0:
                     activation_bytes = saved.bytes
                 with self.trace.span("backward", microbatch=index):
@@ -223,7 +233,7 @@ class Trainer:
         rows = gathered.view(self.mesh.world.size, -1)
         # dp and cp ranks hold different tokens' losses; tensor-parallel peers hold the same one.
         biggest = rows[:, 1:].max(dim=0).values.tolist()
-        stats = {"loss": float(rows[:, 0].sum()) / self.mesh.tp.size, "state_bytes": int(biggest[0]),
+        stats = {"loss": float(rows[:, 0].sum()) / self.mesh.tp.size / self.workers, "state_bytes": int(biggest[0]),
                  "activation_bytes": int(biggest[1]) if biggest[1] >= 0 else None,
                  "peak_mem_bytes": int(biggest[2]), "comm_bytes": int(biggest[3])}
         if self.parallel.runner is not None:
@@ -278,9 +288,14 @@ class Trainer:
     def save_checkpoint(self) -> None:
         rng_states = self.comm.all_gather_object(torch.get_rng_state(), self.mesh.world)
         params, optim = self.parallel.full_state()
+        local_states = None  # per-rank state of local SGD or compression (differs between ranks)
+        if self.lowcomm is not None:
+            local_states = self.comm.all_gather_object(self.lowcomm.state_dict(), self.mesh.world, tag=CHECKPOINT)
         if self.rt.is_main:
             files = checkpoint_files(params, optim, self.state, self.cfg, rng_states,
                                      self.data.tokenizer.to_json(), self.mesh.describe())
+            if local_states is not None:
+                files[lowcomm.LOCAL_STATE_FILE] = {"layout": self.mesh.describe(), "ranks": local_states}
             path = ckpt.write_checkpoint(self.run_dir / "checkpoints", self.state.step, files)
             removed = ckpt.prune(self.run_dir / "checkpoints", self.cfg.checkpoint.keep)
             self.log.event("checkpoint_saved", step=self.state.step, path=str(path),

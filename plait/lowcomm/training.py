@@ -1,0 +1,160 @@
+"""How a training run uses the low-communication methods: what the trainer builds from
+`train.sync` and `parallel.grad_compression`, and the per-rank state they checkpoint.
+
+Local SGD (diloco, noloco, co2). The data-parallel group is the set of workers; tensor,
+pipeline and context parallelism stay inside each worker, and ZeRO shards only over the
+worker's own context-parallel ranks (the engine's group is `cp`, not `dp x cp`). Each
+worker's loss is normalised by the tokens of *its* share of the global batch, so its
+inner step is that of its local mean loss, and the outer step (every `sync.inner_steps`
+steps) averages how far the workers moved. With H = 1, SGD inside and outer SGD with lr 1
+and no momentum this is exactly every-step data parallelism.
+
+Compressed gradients (powersgd, adaptive). Every step, the engine accumulates gradients
+without communicating and hands them to the compressor, which replaces them by its
+approximation of their sum over dp x cp.
+
+Workers' weights, inner optimizer state, error-feedback residuals and outer state differ
+between ranks, so unlike the layout-free checkpoint they are saved per rank
+(`local_state.pt`) and a resume needs the same layout.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from plait.config import Config
+from plait.errors import CheckpointError
+from plait.lowcomm.adaptive_rank import AdaptivePowerSGD
+from plait.lowcomm.outer import CO2, DiLoCo, NoLoCo
+from plait.lowcomm.powersgd import PowerSGDCompressor
+from plait.mesh import Mesh
+from plait.parallel.comm import Comm, Group
+from plait.parallel.zero import ZeroEngine
+from plait.train.checkpoint import read_file
+
+
+def is_local_sync(cfg: Config) -> bool:
+    return cfg.train.sync != "every_step"
+
+
+def engine_group(cfg: Config, mesh: Mesh) -> Group:
+    """The group the engine reduces gradients over: the whole dp x cp, or one worker's cp."""
+    return mesh.cp if is_local_sync(cfg) else mesh.dp_cp
+
+
+def loss_workers(cfg: Config) -> int:
+    """How many equal parts the global batch's token count is divided into for the loss."""
+    return cfg.parallel.dp if is_local_sync(cfg) else 1
+
+
+class LocalSync:
+    """The outer optimizer of a local-SGD run, called after every inner step."""
+
+    def __init__(self, cfg: Config, model: torch.nn.Module, engine: ZeroEngine, comm: Comm, workers: Group):
+        s, mode = cfg.sync, cfg.train.sync
+        params = list(model.parameters())
+        self.engine, self.mode, self.last_step = engine, mode, cfg.train.steps
+        if mode == "diloco":
+            self.outer = DiLoCo(params, comm, workers, s.inner_steps, s.outer_lr, s.outer_momentum, s.nesterov,
+                                fragments=s.fragments, bf16_pseudo_grads=s.bf16)
+        elif mode == "noloco":
+            self.outer = NoLoCo(params, comm, workers, s.inner_steps, s.outer_lr, s.outer_momentum,
+                                group_size=s.group_size, seed=cfg.train.seed)
+        else:
+            self.outer = CO2(params, comm, workers, s.inner_steps, s.outer_lr, s.outer_momentum,
+                             gap_penalty=s.gap_penalty, clip=s.clip or None)
+        self._rebuild = lambda: type(self)(cfg, model, engine, comm, workers).outer
+
+    def restart_from_weights(self) -> None:
+        """Fresh outer state from the current weights (resuming a checkpoint without any)."""
+        self.outer = self._rebuild()
+
+    def after_step(self, step: int) -> bool:
+        """The outer step when one is due. At the run's last step the workers are brought to
+        one model where the method has one: diloco syncs every fragment not just synced, co2
+        applies the average still in flight."""
+        synced = self.outer.after_inner_step(step)
+        if step == self.last_step:
+            if self.mode == "diloco":
+                done = set(self.outer.fragments_due(step))
+                for fragment in range(len(self.outer.fragments)):
+                    if fragment not in done:
+                        self.outer._sync(fragment)
+                synced = True
+            elif self.mode == "co2":
+                self.outer.flush()
+                synced = True
+        if synced:
+            self.engine.reload_masters()
+        return synced
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"outer": self.outer.state_dict(), "weights": [m.detach().cpu().clone() for m in self.engine.masters],
+                "optimizer": self.engine.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.outer.load_state_dict(state["outer"])
+        self.engine.load_local(state["weights"], state["optimizer"])
+
+
+class CompressedGradients:
+    """Replaces the engine's gradient all-reduce by PowerSGD (optionally with adaptive ranks)."""
+
+    def __init__(self, cfg: Config, engine: ZeroEngine, comm: Comm, group: Group):
+        c = cfg.compression
+        if cfg.parallel.grad_compression == "adaptive":
+            self.method = AdaptivePowerSGD(c.rank, c.warmup_steps, c.adjust_every, c.min_compression,
+                                           seed=cfg.train.seed)
+            self.compressor = self.method.compressor
+        else:
+            self.method = self.compressor = PowerSGDCompressor(c.rank, c.warmup_steps, c.min_compression,
+                                                               seed=cfg.train.seed)
+        self.comm, self.group = comm, group
+        self.reductions = 0  # steps reduced so far: PowerSGD's warm-up and adjust schedule
+        engine.grad_sync = self
+
+    def after_step(self, step: int) -> bool:
+        return False  # all the work happens inside the engine's gradient sync
+
+    def restart_from_weights(self) -> None:
+        pass  # residuals and warm starts begin afresh
+
+    def __call__(self, grads: dict[str, torch.Tensor]) -> None:
+        self.reductions += 1
+        self.method.reduce(grads, self.group, self.comm, self.reductions)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"reductions": self.reductions, "compressor": self.compressor.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.reductions = state["reductions"]
+        self.compressor.load_state_dict(state["compressor"])
+
+
+LOCAL_STATE_FILE = "local_state.pt"
+
+
+def restore_local_state(method: LocalSync | CompressedGradients, checkpoint: Path, layout: str, rank: int) -> None:
+    """This rank's saved state, when the checkpoint has it; it must come from the same layout."""
+    if not (checkpoint / LOCAL_STATE_FILE).exists():
+        method.restart_from_weights()  # e.g. a checkpoint of an every-step run
+        return
+    saved = read_file(checkpoint, LOCAL_STATE_FILE)
+    if saved["layout"] != layout:
+        raise CheckpointError(
+            f"checkpoint {checkpoint} holds per-worker local-SGD/compression state of layout "
+            f"{saved['layout']}; resume it with the same layout (this run: {layout})")
+    method.load_state_dict(saved["ranks"][rank])
+
+
+def build(cfg: Config, model: torch.nn.Module, engine: ZeroEngine, comm: Comm, mesh: Mesh
+          ) -> LocalSync | CompressedGradients | None:
+    """What this run needs, if anything (collective-free: every rank builds the same)."""
+    if is_local_sync(cfg):
+        return LocalSync(cfg, model, engine, comm, mesh.dp)
+    if cfg.parallel.grad_compression != "none":
+        return CompressedGradients(cfg, engine, comm, mesh.dp_cp)
+    return None
