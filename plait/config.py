@@ -64,6 +64,9 @@ class ParallelConfig:
     bucket_mb: float = 25.0  # gradient reduction bucket size
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     timeout_s: float = 600.0  # collective timeout
+    # Every-step gradient all-reduce replaced by PowerSGD (rank compression.rank) or by
+    # PowerSGD with per-layer ranks chosen by L-GreCo's dynamic programme (adaptive).
+    grad_compression: Literal["none", "powersgd", "adaptive"] = "none"
 
 
 @dataclass
@@ -83,11 +86,14 @@ class TrainConfig:
     lbl_coef: float = 0.01  # MoE load-balancing loss coefficient (per MoE layer)
     z_loss_coef: float = 0.0  # MoE router z-loss coefficient (per MoE layer)
     lbl_scope: Literal["micro_batch", "global_batch"] = "global_batch"  # where f_i is counted
+    # How data-parallel workers agree: every step (gradient all-reduce), or local SGD with an
+    # outer step every sync.inner_steps steps (DiLoCo, NoLoCo, CO2; see [sync]).
+    sync: Literal["every_step", "diloco", "noloco", "co2"] = "every_step"
 
 
 @dataclass
 class OptimConfig:
-    name: Literal["adamw"] = "adamw"
+    name: Literal["adamw", "sgd", "galore"] = "adamw"
     lr: float = 3e-3
     min_lr: float = 3e-4
     warmup_steps: int = 50
@@ -95,6 +101,35 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
     grad_clip: float = 1.0  # global-norm clipping; 0: off
+    momentum: float = 0.9  # sgd
+    rank: int = 128  # galore: rank of the gradient projection of 2-D weights
+    update_proj_gap: int = 200  # galore: steps between projection refreshes
+    scale: float = 0.25  # galore: scale of the projected-back update
+
+
+@dataclass
+class SyncConfig:
+    """Local SGD (train.sync = diloco | noloco | co2): the outer step over the dp workers."""
+
+    inner_steps: int = 50  # H: inner optimizer steps between outer steps
+    outer_lr: float = 0.7
+    outer_momentum: float = 0.9
+    nesterov: bool = True  # diloco
+    fragments: int = 1  # diloco: streaming fragments synchronised at staggered steps
+    bf16: bool = False  # diloco: bf16 pseudo-gradients on the wire
+    group_size: int = 2  # noloco: workers averaged together
+    clip: float = 0.0  # co2: outer-momentum norm clipping; 0: off
+    gap_penalty: float = 1.0  # co2: staleness-gap penalty dividing the stale average
+
+
+@dataclass
+class CompressionConfig:
+    """Gradient compression (parallel.grad_compression = powersgd | adaptive)."""
+
+    rank: int = 4  # PowerSGD rank (the default rank of the adaptive choice)
+    warmup_steps: int = 10  # first steps all-reduced uncompressed
+    adjust_every: int = 100  # adaptive: steps between re-choosing the per-layer ranks
+    min_compression: float = 1.0  # compress a matrix only if its factors are this many times smaller
 
 
 @dataclass
@@ -152,6 +187,8 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    sync: SyncConfig = field(default_factory=SyncConfig)
+    compression: CompressionConfig = field(default_factory=CompressionConfig)
     fault: FaultConfig = field(default_factory=FaultConfig)
     resilience: ResilienceConfig = field(default_factory=ResilienceConfig)
 
@@ -369,6 +406,7 @@ def validate(cfg: Config, world_size: int) -> Config:
         )
     if p.pp > 1:
         _validate_pipeline(cfg)
+    _validate_low_communication(cfg)
     if m.n_experts:
         _validate_moe(cfg)
     _validate_resilience(cfg)
@@ -427,6 +465,37 @@ def _validate_moe(cfg: Config) -> None:
     for name, used in unsupported.items():
         if used:
             raise ConfigError(f"{name} with model.n_experts > 0 is not yet supported")
+
+
+def _validate_low_communication(cfg: Config) -> None:
+    p, t, o, s, c = cfg.parallel, cfg.train, cfg.optim, cfg.sync, cfg.compression
+    if o.name == "sgd" and not 0 <= o.momentum < 1:
+        raise ConfigError(f"optim.momentum={o.momentum} must lie in [0, 1)")
+    if o.name == "galore":
+        if o.rank < 1 or o.update_proj_gap < 1 or o.scale <= 0:
+            raise ConfigError("optim.rank and optim.update_proj_gap must be at least 1 and optim.scale positive")
+        if p.zero != 0 or p.tp != 1:
+            raise ConfigError("optim.name=galore needs whole matrices: parallel.zero=0 and parallel.tp=1")
+    if t.sync != "every_step":
+        if s.inner_steps < 1:
+            raise ConfigError(f"sync.inner_steps={s.inner_steps} must be at least 1")
+        if s.outer_lr <= 0 or not 0 <= s.outer_momentum < 1:
+            raise ConfigError("sync.outer_lr must be positive and sync.outer_momentum in [0, 1)")
+        if not 1 <= s.fragments <= s.inner_steps:
+            raise ConfigError(f"sync.fragments={s.fragments} must lie between 1 and sync.inner_steps={s.inner_steps}")
+        if s.group_size < 1 or s.clip < 0 or s.gap_penalty <= 0:
+            raise ConfigError("sync.group_size must be at least 1, sync.clip not negative, sync.gap_penalty positive")
+        if p.zero == 3:
+            raise ConfigError(f"train.sync={t.sync} with parallel.zero=3 is not supported (workers keep whole weights)")
+        if p.grad_compression != "none":
+            raise ConfigError(f"parallel.grad_compression={p.grad_compression} only applies to train.sync=every_step")
+    if p.grad_compression != "none":
+        if p.zero != 0:
+            raise ConfigError(f"parallel.grad_compression={p.grad_compression} needs parallel.zero=0 "
+                              "(it replaces the all-reduce of whole gradients)")
+        if c.rank < 1 or c.warmup_steps < 0 or c.adjust_every < 1 or c.min_compression <= 0:
+            raise ConfigError("compression.rank and compression.adjust_every must be at least 1, "
+                              "compression.warmup_steps not negative, compression.min_compression positive")
 
 
 def _validate_pipeline(cfg: Config) -> None:
