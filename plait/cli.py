@@ -64,6 +64,10 @@ def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
     if nproc < 1:
         raise PlaitError(f"--nproc {nproc} must be at least 1")
     if under_launcher or nproc == 1:
+        from plait.resilience.usage_errors import usage_error_noted
+
+        if usage_error_noted():  # an earlier worker generation said why; restarting cannot help
+            return USAGE_ERROR
         from plait.train.trainer import train
 
         train(cfg, run_dir)
@@ -134,6 +138,9 @@ def main(argv: list[str] | None = None) -> None:
         }
         sys.exit(handlers[args.command]())
     except PlaitError as exc:
+        from plait.resilience.usage_errors import note_usage_error
+
+        note_usage_error()
         if _is_main_rank():  # every rank raises the same collective error; say it once
             print(f"plait: error: {exc}", file=sys.stderr, flush=True)
         sys.exit(USAGE_ERROR)

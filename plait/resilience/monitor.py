@@ -33,6 +33,7 @@ from typing import Any
 
 from plait.resilience.heartbeat import KEY
 from plait.resilience.inject import fired_faults
+from plait.resilience.usage_errors import usage_error_noted
 
 FAULT_KEY = "plait/fault/{generation}"  # the detection record the restarted workers read
 MAD_TO_SIGMA = 1.4826  # MAD of a normal distribution x this = its standard deviation
@@ -226,8 +227,8 @@ class Monitor:
                 print(f"plait: monitor: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
 
     def check(self, beats: dict[int, dict], now: float) -> None:
-        if self.generation in self.handled or not beats:
-            return
+        if self.generation in self.handled or not beats or usage_error_noted():
+            return  # (a usage error ends the job: its exits are not faults)
         for rank, beat in beats.items():
             if beat["state"] == "done" or rank in self.gone:
                 continue
