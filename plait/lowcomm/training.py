@@ -56,7 +56,7 @@ class LocalSync:
     def __init__(self, cfg: Config, model: torch.nn.Module, engine: ZeroEngine, comm: Comm, workers: Group):
         s, mode = cfg.sync, cfg.train.sync
         params = list(model.parameters())
-        self.engine, self.mode, self.last_step = engine, mode, cfg.train.steps
+        self.engine = engine
         if mode == "diloco":
             self.outer = DiLoCo(params, comm, workers, s.inner_steps, s.outer_lr, s.outer_momentum, s.nesterov,
                                 fragments=s.fragments, bf16_pseudo_grads=s.bf16)
@@ -73,20 +73,12 @@ class LocalSync:
         self.outer = self._rebuild()
 
     def after_step(self, step: int) -> bool:
-        """The outer step when one is due. At the run's last step the workers are brought to
-        one model where the method has one: diloco syncs every fragment not just synced, co2
-        applies the average still in flight."""
+        """The outer step when one is due (then the engine's masters follow the new weights).
+
+        Nothing special happens at a run's last step, so that extending a run continues the
+        same trajectory: the final weights are dp rank 0's unless the last step is a sync step.
+        """
         synced = self.outer.after_inner_step(step)
-        if step == self.last_step:
-            if self.mode == "diloco":
-                done = set(self.outer.fragments_due(step))
-                for fragment in range(len(self.outer.fragments)):
-                    if fragment not in done:
-                        self.outer._sync(fragment)
-                synced = True
-            elif self.mode == "co2":
-                self.outer.flush()
-                synced = True
         if synced:
             self.engine.reload_masters()
         return synced

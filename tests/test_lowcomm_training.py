@@ -1,0 +1,124 @@
+"""Low-communication training through the trainer (train.sync, parallel.grad_compression,
+optim.name) on 4 gloo processes and on 1: reductions to known cases, exact resume of the
+per-worker state, and the traffic each mode reports."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from distributed import run_on_ranks
+from scenarios import run_many
+
+SMALL = ["model.n_layers=2"]  # the reductions hold for any model; a smaller one runs faster
+SGD = ["optim.name=sgd", "optim.momentum=0", "optim.weight_decay=0", "optim.grad_clip=0"]
+OUTER_SGD = ["sync.outer_lr=1", "sync.outer_momentum=0"]
+NOLOCO_AS_DILOCO = ["sync.inner_steps=5", "sync.outer_lr=0.6", "sync.outer_momentum=0.5"]
+# Resume checks: 12 steps straight against 7 steps, then a second run continuing to 12.
+SHORT = ["train.steps=12", "checkpoint.every=0"]
+CO2 = ["train.sync=co2", "sync.inner_steps=5", "sync.clip=5"]
+POWERSGD = ["parallel.grad_compression=powersgd", "compression.rank=2", "compression.warmup_steps=2"]
+
+
+def four_worker_jobs(root: Path) -> list[tuple[str, list[str], str]]:
+    jobs = {
+        "every_step_sgd": SGD,
+        "diloco_h1": SGD + ["train.sync=diloco", "sync.inner_steps=1"] + OUTER_SGD,
+        "diloco_h5": ["train.sync=diloco", "sync.inner_steps=5"],
+        "diloco_plain_momentum": ["train.sync=diloco", "sync.nesterov=false"] + NOLOCO_AS_DILOCO,
+        "noloco_one_group": ["train.sync=noloco", "sync.group_size=4"] + NOLOCO_AS_DILOCO,
+        "every_step": [],
+        "co2": CO2 + SHORT,
+        "co2_first": CO2 + SHORT + ["train.steps=7"],
+        "co2_resumed": CO2 + SHORT,
+        "powersgd": POWERSGD + SHORT,
+        "powersgd_first": POWERSGD + SHORT + ["train.steps=7"],
+        "powersgd_resumed": POWERSGD + SHORT,
+        "adaptive": ["parallel.grad_compression=adaptive", "compression.rank=2", "compression.warmup_steps=2",
+                     "compression.adjust_every=5"],
+        "galore": ["optim.name=galore", "optim.rank=8", "optim.update_proj_gap=5"],
+    }
+    dirs = {name: name for name in jobs}
+    dirs["co2_resumed"], dirs["powersgd_resumed"] = "co2_first", "powersgd_first"
+    return [(name, SMALL + overrides, str(root / dirs[name])) for name, overrides in jobs.items()]
+
+
+def one_worker_jobs(root: Path) -> list[tuple[str, list[str], str]]:
+    jobs = {
+        "plain": [],
+        "diloco_one_worker": ["train.sync=diloco", "sync.inner_steps=5"] + OUTER_SGD,
+        "galore": ["optim.name=galore", "optim.rank=8", "optim.update_proj_gap=5"],
+    }
+    return [(name, SMALL + overrides, str(root / name)) for name, overrides in jobs.items()]
+
+
+@pytest.fixture(scope="module")
+def four(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lowcomm4")
+    return run_on_ranks(4, run_many, four_worker_jobs(root))[0], root
+
+
+@pytest.fixture(scope="module")
+def one(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lowcomm1")
+    return run_on_ranks(1, run_many, one_worker_jobs(root))[0]
+
+
+def max_gap(a: list[float], b: list[float]) -> float:
+    assert len(a) == len(b) and a
+    return max(abs(x - y) for x, y in zip(a, b))
+
+
+def comm_bytes(run_dir: Path) -> int:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return sum(row["comm_bytes"] for row in rows)
+
+
+def test_diloco_with_one_inner_step_and_outer_sgd_is_every_step_data_parallel(four):
+    results, _ = four
+    assert max_gap(results["diloco_h1"]["losses"], results["every_step_sgd"]["losses"]) < 1e-6
+
+
+def test_diloco_with_one_worker_is_plain_training(one):
+    assert max_gap(one["diloco_one_worker"]["losses"], one["plain"]["losses"]) < 1e-6
+
+
+def test_noloco_with_one_group_of_every_worker_is_the_diloco_step(four):
+    results, _ = four
+    assert max_gap(results["noloco_one_group"]["losses"], results["diloco_plain_momentum"]["losses"]) < 1e-6
+    # ...and local steps do change the trajectory (the comparison above is not vacuous).
+    assert max_gap(results["noloco_one_group"]["losses"], results["every_step"]["losses"]) > 1e-3
+
+
+@pytest.mark.parametrize("method", ["co2", "powersgd"])
+def test_per_worker_state_resumes_exactly(four, method):
+    """CO2's average in flight and PowerSGD's residuals and warm starts survive a restart."""
+    results, _ = four
+    assert results[f"{method}_first"]["final_step"] == 7
+    resumed = results[f"{method}_first"]["losses"] + results[f"{method}_resumed"]["losses"]
+    assert max_gap(resumed, results[method]["losses"]) < 1e-6
+
+
+def test_galore_is_layout_invariant(four, one):
+    results, _ = four
+    assert max_gap(results["galore"]["losses"], one["galore"]["losses"]) < 1e-4
+
+
+def test_traffic_per_mode(four):
+    """DiLoCo at H = 5 sends a fifth of every-step data parallelism's bytes; compression less."""
+    _, root = four
+    every_step = comm_bytes(root / "every_step")
+    assert every_step > 0
+    assert comm_bytes(root / "diloco_h5") / every_step == pytest.approx(1 / 5, rel=0.02)
+    assert comm_bytes(root / "adaptive") < 0.5 * every_step
+    # 12 steps, of which the first 2 uncompressed: well under the 12/20 of every_step's bytes.
+    assert comm_bytes(root / "powersgd") < 0.3 * every_step
+
+
+def test_compression_and_local_sync_learn(four):
+    results, _ = four
+    for name in ("diloco_h5", "adaptive", "galore", "co2"):
+        losses = results[name]["losses"]
+        assert losses[-1] < losses[0] - 0.3, name
