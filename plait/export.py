@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 from plait.config import ModelConfig
+from plait.errors import ConfigError
 from plait.train.trained import load_trained
 
 _BLOCK_NAMES = {
@@ -56,6 +57,9 @@ def hf_config(cfg: ModelConfig) -> dict:
 def export_hf(run_dir: Path, output: Path) -> list[Path]:
     """Write `output` (.safetensors) and, beside it, config.json unless one is already there."""
     trained = load_trained(run_dir)
+    if trained.cfg.model.n_experts:
+        raise ConfigError(f"model.n_experts={trained.cfg.model.n_experts}: plait export writes dense Llama "
+                          "models only; an MoE model has no Llama layout (its checkpoint holds it in full)")
     # named_parameters lists a tied weight once (as the embedding), which is what HF expects.
     tensors = {hf_name(n): p.detach().to(torch.float32).contiguous() for n, p in trained.model.named_parameters()}
     output.parent.mkdir(parents=True, exist_ok=True)
