@@ -45,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="a .safetensors file")
     sub.add_parser("prepare", help="tokenise a corpus once into a .bin token file", add_help=False)
     sub.add_parser("plan", help="predict memory, step time and MFU of parallel layouts", add_help=False)
+    sub.add_parser("btm", help="Branch-Train-Merge: branch, train, merge and evaluate domain experts",
+                   add_help=False)
     return parser
 
 
@@ -125,6 +127,10 @@ def main(argv: list[str] | None = None) -> None:
             from plait.data.prepare import main as prepare_main
 
             sys.exit(prepare_main(argv[1:]))
+        if argv and argv[0] == "btm":
+            from plait.lowcomm.btm_cli import main as btm_main
+
+            sys.exit(btm_main(argv[1:]))
         if argv and argv[0] == "plan":
             from plait.plan.cli import main as plan_main
 
