@@ -50,7 +50,7 @@ def test_resolved_config_round_trips_through_toml(tmp_path):
     ("parallel.tp=4", 4, "model.n_kv_heads=2 < parallel.tp=4"),
     ("parallel.cp=3", 3, "model.seq_len=128 must be divisible by 2 x parallel.cp = 6"),
     ("train.recompute=some", 1, "train.recompute='some' is not one of none, selective, full"),
-    ("parallel.ep=2", 2, "parallel.ep=2 is not yet supported"),
+    ("parallel.ep=2", 2, "parallel.ep=2 / etp=1 need an MoE model"),
     ("parallel.pp_schedule=zz", 2, "parallel.pp_schedule='zz' is not one of"),
     ("parallel.reduce_dtype=fp16", 2, "parallel.reduce_dtype='fp16' is not one of fp32, bf16"),
     ("parallel.zero=5", 2, "parallel.zero=5 must be 0, 1, 2 or 3"),

@@ -122,7 +122,6 @@ def test_metrics_keys(runs):
 
 
 @pytest.mark.parametrize("overrides, world, message", [
-    (["parallel.ep=2"], 2, "parallel.ep=2 / etp=1 need an MoE model"),
     (["model.n_experts=4", "parallel.ep=4"], 2, "parallel.ep=4 x etp=1 must divide tp x cp x dp = 2"),
     (["model.n_experts=6", "parallel.ep=4"], 4, "model.n_experts=6 is not divisible by parallel.ep=4"),
     (["model.n_experts=4", "parallel.etp=2"], 2, "parallel.etp=2 is not yet supported"),

@@ -21,6 +21,7 @@ that hold the tokens of one data-parallel micro-batch (cp x tp; micro-batch scop
 
 from __future__ import annotations
 
+import math
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Iterator
@@ -168,7 +169,7 @@ class MoEEngine:
         experts = torch.tensor([self.experts.clip_grad_norm(0.0) ** 2], dtype=torch.float64)
         self.comm.all_reduce(experts, self.groups.ep, tag="grad_norm")  # disjoint experts
         norm = float((dense ** 2 + experts[0]) ** 0.5)
-        if max_norm > 0 and norm == norm and norm != float("inf"):
+        if max_norm > 0 and math.isfinite(norm):
             coef = max_norm / (norm + 1e-6)
             if coef < 1.0:
                 for engine in self.engines:
