@@ -71,13 +71,15 @@ def all_to_all_differentiable(x: torch.Tensor, output_splits: list[int], input_s
     return _AllToAll.apply(x, list(output_splits), list(input_splits), group, comm)
 
 
-def exchange_counts(tokens_per_expert: list[int], group: Group, comm: Comm) -> torch.Tensor:
+def exchange_counts(tokens_per_expert: list[int], group: Group, comm: Comm,
+                    device: torch.device | str = "cpu") -> torch.Tensor:
     """From this rank's tokens per global expert [E] to the tokens every member sends to each
-    local expert: int64 [ep, E/ep], row j from member j."""
+    local expert: int64 [ep, E/ep] on the CPU, row j from member j. The exchange itself runs
+    on `device` (NCCL moves only device tensors)."""
     n_local = len(tokens_per_expert) // group.size
-    send = torch.tensor(tokens_per_expert, dtype=torch.int64)
+    send = torch.tensor(tokens_per_expert, dtype=torch.int64, device=device)
     received = all_to_all(send, [n_local] * group.size, [n_local] * group.size, group, comm)
-    return received.view(group.size, n_local)
+    return received.view(group.size, n_local).cpu()
 
 
 def dispatched_experts(experts: StackedExperts, tokens: torch.Tensor, tokens_per_expert: list[int],
@@ -87,12 +89,13 @@ def dispatched_experts(experts: StackedExperts, tokens: torch.Tensor, tokens_per
     n_local = experts.n_local
     per_rank = torch.tensor(tokens_per_expert, dtype=torch.int64).view(group.size, n_local)
     input_splits = per_rank.sum(dim=1).tolist()  # experts of a rank are contiguous: one chunk each
-    received_counts = exchange_counts(tokens_per_expert, group, comm)  # [source, local expert]
+    received_counts = exchange_counts(tokens_per_expert, group, comm, tokens.device)  # [source, local expert]
     output_splits = received_counts.sum(dim=1).tolist()
     received = all_to_all_differentiable(tokens, output_splits, input_splits, group, comm)
 
     # Arrivals are ordered by source, then expert; the local experts want expert, then source.
     by_expert = regroup_by_expert(received_counts)
+    by_expert = by_expert.to(received.device)
     local_out = run_local_experts(experts, received[by_expert], received_counts.sum(dim=0).tolist())
     back_in_source_order = local_out[torch.argsort(by_expert)]
     return all_to_all_differentiable(back_in_source_order, input_splits, output_splits, group, comm)

@@ -166,9 +166,9 @@ class MoEEngine:
 
     def clip_grad_norm(self, max_norm: float) -> float:
         dense = self.dense.clip_grad_norm(0.0)  # 0: measure only
-        experts = torch.tensor([self.experts.clip_grad_norm(0.0) ** 2], dtype=torch.float64)
+        experts = torch.tensor([self.experts.clip_grad_norm(0.0) ** 2], dtype=torch.float64, device=self.device)
         self.comm.all_reduce(experts, self.groups.ep, tag="grad_norm")  # disjoint experts
-        norm = float((dense ** 2 + experts[0]) ** 0.5)
+        norm = float((dense ** 2 + float(experts[0])) ** 0.5)
         if max_norm > 0 and math.isfinite(norm):
             coef = max_norm / (norm + 1e-6)
             if coef < 1.0:

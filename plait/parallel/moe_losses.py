@@ -65,8 +65,10 @@ class GlobalBatchCounts:
         """Add one micro-batch's local counts [E]; returns that micro-batch's group-wide counts."""
         if counts.shape != (self.n_experts,):
             raise ValueError(f"counts of shape {tuple(counts.shape)}, expected ({self.n_experts},)")
-        summed = counts.detach().to(torch.int64).cpu().clone()
+        # Reduced where the counts live (NCCL moves only device tensors), accumulated on the CPU.
+        summed = counts.detach().to(torch.int64).clone()
         self.comm.all_reduce(summed, self.group, tag=self.tag)
+        summed = summed.cpu()
         self.counts += summed
         self.micro_batches += 1
         return summed

@@ -39,6 +39,7 @@ class MoEAux:
                  tokens_per_step: int, accumulation: int):
         m, t = cfg.model, cfg.train
         self.layers = moe_layers(model)
+        self.device = self.layers[0].router.weight.device
         self.n_experts, self.top_k = m.n_experts, m.top_k
         self.lbl_coef, self.z_coef, self.scope = t.lbl_coef, t.z_loss_coef, t.lbl_scope
         self.groups, self.comm = groups, comm
@@ -98,7 +99,7 @@ class MoEAux:
                 return None
             return counts.loss(torch.stack(self.prob_sums[index]).sum(dim=0))
         # Micro-batch scope: f over the ranks holding this micro-batch's tokens.
-        counts = stats.counts.detach().to(torch.int64).cpu().clone()
+        counts = stats.counts.detach().to(torch.int64).clone()  # on the device: NCCL reduces only there
         self.comm.all_reduce(counts, self.groups.micro_batch, tag=TAG)
         n_tokens = max(int(counts.sum()) // self.top_k, 1)
         f = expert_fraction(counts).to(stats.prob_sum.device)
@@ -112,7 +113,9 @@ class MoEAux:
         total collapse) and moe_z_loss (mean over layers)."""
         n_layers = len(self.layers)
         local = torch.cat([self.load.flatten(), self.prob_total.flatten(), self.dropped, self.z_total])
+        local = local.to(self.device)  # NCCL reduces device tensors only
         self.comm.all_reduce(local, self.groups.tokens, tag=BOOKKEEPING)
+        local = local.cpu()
         sizes = [n_layers * self.n_experts, n_layers * self.n_experts, n_layers, n_layers]
         load, prob_total, dropped, z_total = torch.split(local, sizes)
         load, prob_total = load.view(n_layers, -1), prob_total.view(n_layers, -1)
