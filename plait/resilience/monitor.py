@@ -220,21 +220,26 @@ class Monitor:
     def _run(self) -> None:
         while not self._stop.wait(self.poll_s):
             try:
-                self.check(self._read(), time.time())
+                # Liveness first, heartbeats second: a rank that said "done" before it exited
+                # is then always seen done, never as a crash.
+                dead = self.dead_ranks(self._read(), time.time())
+                self.check(self._read(), time.time(), dead)
             except Exception as exc:  # noqa: BLE001 - the monitor must never take the job down
                 if self._stop.is_set():
                     return
                 print(f"plait: monitor: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
 
-    def check(self, beats: dict[int, dict], now: float) -> None:
+    def dead_ranks(self, beats: dict[int, dict], now: float) -> set[int]:
+        """Ranks whose process is gone (this host) or whose heartbeat stopped (another host)."""
+        return {rank for rank, beat in beats.items()
+                if (process_gone(beat["pid"]) if beat["host"] == self.host else now - beat["time"] > self.stale_s)}
+
+    def check(self, beats: dict[int, dict], now: float, dead: set[int] | None = None) -> None:
         if self.generation in self.handled or not beats or usage_error_noted():
             return  # (a usage error ends the job: its exits are not faults)
+        dead = self.dead_ranks(beats, now) if dead is None else dead
         for rank, beat in beats.items():
-            if beat["state"] == "done" or rank in self.gone:
-                continue
-            dead = (process_gone(beat["pid"]) if beat["host"] == self.host
-                    else now - beat["time"] > self.stale_s)
-            if dead:
+            if rank in dead and beat["state"] != "done" and rank not in self.gone:
                 self.gone.append(rank)
         verdict = find_crash(beats, self.gone, now) or find_hang(beats, now, self.hang_s)
         if verdict is not None:

@@ -8,7 +8,7 @@ fault injection, the watchdog, in-memory snapshots, and the record of a recovery
   steps redone and the world size before and after.
 
 Snapshots are taken only where they can be used: in restart mode under a launcher that
-restarts (TORCHELASTIC_MAX_RESTARTS > 0); the watchdog runs only where a monitor listens
+restarts (TORCHELASTIC_MAX_RESTARTS > 0), on one node; the watchdog runs only where a monitor listens
 (the launcher's store address in PLAIT_MONITOR_STORE).
 """
 
@@ -50,7 +50,10 @@ class Resilience:
             self.store = connect_store(address)
             self.watchdog = Watchdog(self.store, comm, rt.rank, rt.world_size, r.heartbeat_s, r.slow_window)
         restarts = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0"))
-        self.snapshot_every = r.snapshot_every if r.mode == "restart" and restarts > 0 else 0
+        # Every rank restores from the path rank 0 chooses, so snapshots serve a one-node job
+        # only for now (on several nodes the others could not read rank 0's /dev/shm).
+        one_node = rt.world_size == rt.local_world_size
+        self.snapshot_every = r.snapshot_every if r.mode == "restart" and restarts > 0 and one_node else 0
         self.root = snapshot_root(run_dir, job_id())
         self.buddy = buddy_rank(rt.world_size, rt.local_world_size)
         self.started = time.time()
@@ -71,6 +74,7 @@ class Resilience:
         """Gather the full state (collective) and keep it in shared memory on rank 0 and its buddy."""
         from plait.train.resume import checkpoint_files
 
+        started = time.perf_counter()
         rng_states = self.comm.all_gather_object(torch.get_rng_state(), self.mesh.world, tag=CHECKPOINT)
         params, optim = trainer.parallel.full_state()
         local_states = None  # per-rank state of local SGD or compression, as save_checkpoint keeps it
@@ -85,7 +89,9 @@ class Resilience:
             from plait.lowcomm import training as lowcomm
 
             files[lowcomm.LOCAL_STATE_FILE] = {"layout": self.mesh.describe(), "ranks": local_states}
-        write_snapshot(self.root, copy, trainer.state.step, files)
+        path = write_snapshot(self.root, copy, trainer.state.step, files)
+        trainer.log.event("snapshot_saved", step=trainer.state.step, path=str(path),
+                          seconds=round(time.perf_counter() - started, 4))  # (rank 0 writes events)
 
     # --- resume -----------------------------------------------------------------------------
     def prefer_snapshot(self, path: Path | None, rejected: list[tuple[Path, str]]

@@ -8,7 +8,8 @@ holds all of it, so two ranks keep a copy with no further traffic: rank 0 (the h
 and a buddy rank, on the next node when there is one, so that losing a whole node still
 leaves a copy. Each copy is written atomically with a sha256 manifest (checkpoint.py), so a
 torn or corrupted copy is detected and the other copy, or the previous snapshot, or the
-newest disk checkpoint, is used instead.
+newest disk checkpoint, is used instead. (Restoring reads the copy on rank 0's node, so
+snapshots are taken in one-node jobs only for now: see session.py.)
 """
 
 from __future__ import annotations
