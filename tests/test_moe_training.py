@@ -1,11 +1,11 @@
 """Mixture of experts in the trainer: an MoE tiny (4 experts, top-2, fp32, 20 steps) gives the
 single-process losses under expert parallelism folded into every layout (ep 2 on 2 ranks,
-ep 4 on 4, ep 2 with expert-data-parallel 2, ep 4 over cp 2 x dp 2, tp 2 with etp 1, ZeRO-1),
-drops the same tokens with a capacity factor, resumes across layouts, and keeps the
-global-batch load-balancing loss independent of how the batch is cut into micro-batches
-while the micro-batch scope depends on it. The layer-level checks (the per-token loop, the
-balance losses' values, global-batch LBL over 2 ranks x 2 micro-batches, dispatch with all
-tokens to one expert or none to another) are in test_moe.py."""
+ep 4 on 4, ep 2 with expert-data-parallel 2 under ZeRO-1, ep 4 over cp 2 x dp 2, tp 2 with
+etp 1 on 2 and on 4 ranks), drops the same tokens with a capacity factor, resumes across
+layouts, and keeps the global-batch load-balancing loss independent of how the batch is cut
+into micro-batches while the micro-batch scope depends on it. The layer-level checks (the
+per-token loop, the balance losses' values, global-batch LBL over 2 ranks x 2 micro-batches,
+dispatch with all tokens to one expert or none to another) are in test_moe.py."""
 
 from __future__ import annotations
 
@@ -31,10 +31,9 @@ LAYOUTS_2 = {"ep2": ["parallel.ep=2"], "tp2_etp1": ["parallel.tp=2"],
              "ep2_capped": ["parallel.ep=2"] + CAPPED}
 LAYOUTS_4 = {
     "ep4": ["parallel.ep=4"],
-    "ep2_edp2": ["parallel.ep=2"],
     "ep4_cp2_dp2": ["parallel.ep=4", "parallel.cp=2"],
     "tp2_dp2_ep2": ["parallel.tp=2", "parallel.ep=2"],
-    "ep2_edp2_zero1": ["parallel.ep=2", "parallel.zero=1"],
+    "ep2_edp2_zero1": ["parallel.ep=2", "parallel.zero=1"],  # ZeRO-1 shards the experts over edp 2
 }
 
 

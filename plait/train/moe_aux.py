@@ -15,7 +15,9 @@ micro-batches) is the loss of the global batch, like the language-model loss:
   micro-batches (moe_losses.GlobalBatchCounts). f is known only after the step's last
   forward, so the loss is added to the last micro-batch's backward and reaches the earlier
   micro-batches' router probabilities through their graphs, which are kept (retain_graph)
-  until then: exact, at the price of holding those graphs. With no accumulation nothing is kept.
+  until then: exact, at the price of holding those graphs and of a second backward pass
+  through each earlier micro-batch's layers below its routers. With no accumulation
+  (micro-batch = a rank's share of the global batch) nothing is kept and nothing repeated.
 - `micro_batch` scope: f_i per forward pass, counted over the ranks that share the
   micro-batch's tokens (cp x tp), then averaged over the global batch's dp x accumulation
   micro-batches. It depends on how the batch is cut into micro-batches, by nature.
