@@ -122,3 +122,22 @@ def test_compression_and_local_sync_learn(four):
     for name in ("diloco_h5", "adaptive", "galore", "co2"):
         losses = results[name]["losses"]
         assert losses[-1] < losses[0] - 0.3, name
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["train.sync=diloco", "parallel.zero=3"], "train.sync=diloco with parallel.zero=3 is not supported"),
+    (["train.sync=co2", "parallel.grad_compression=powersgd"], "only applies to train.sync=every_step"),
+    (["train.sync=diloco", "sync.inner_steps=0"], "sync.inner_steps=0 must be at least 1"),
+    (["train.sync=diloco", "sync.inner_steps=4", "sync.fragments=5"], "sync.fragments=5 must lie between 1"),
+    (["parallel.grad_compression=adaptive", "parallel.zero=1"], "needs parallel.zero=0"),
+    (["optim.name=galore", "parallel.zero=2"], "optim.name=galore needs whole matrices"),
+    (["optim.name=sgd", "optim.momentum=1"], "optim.momentum=1.0 must lie in [0, 1)"),
+    (["train.sync=sometimes"], "train.sync='sometimes' is not one of every_step, diloco, noloco, co2"),
+])
+def test_bad_low_communication_settings_name_the_field(overrides, message):
+    from plait.config import load_config, validate
+    from plait.errors import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        validate(load_config("tiny", overrides), world_size=2)
+    assert message in str(err.value) and "\n" not in str(err.value)
