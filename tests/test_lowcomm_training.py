@@ -26,6 +26,11 @@ def four_worker_jobs(root: Path) -> list[tuple[str, list[str], str]]:
     jobs = {
         "every_step_sgd": SGD,
         "diloco_h1": SGD + ["train.sync=diloco", "sync.inner_steps=1"] + OUTER_SGD,
+        # Workers of 2 ranks: tp, pp and cp (with ZeRO-1 inside the worker) stay inside them.
+        "diloco_h1_tp2": SGD + ["train.sync=diloco", "sync.inner_steps=1", "parallel.tp=2"] + OUTER_SGD,
+        "diloco_h1_pp2": SGD + ["train.sync=diloco", "sync.inner_steps=1", "parallel.pp=2"] + OUTER_SGD,
+        "diloco_h1_cp2_zero1": SGD + ["train.sync=diloco", "sync.inner_steps=1", "parallel.cp=2",
+                                      "parallel.zero=1"] + OUTER_SGD,
         "diloco_h5": ["train.sync=diloco", "sync.inner_steps=5"],
         "diloco_plain_momentum": ["train.sync=diloco", "sync.nesterov=false"] + NOLOCO_AS_DILOCO,
         "noloco_one_group": ["train.sync=noloco", "sync.group_size=4"] + NOLOCO_AS_DILOCO,
@@ -79,6 +84,12 @@ def comm_bytes(run_dir: Path) -> int:
 def test_diloco_with_one_inner_step_and_outer_sgd_is_every_step_data_parallel(four):
     results, _ = four
     assert max_gap(results["diloco_h1"]["losses"], results["every_step_sgd"]["losses"]) < 1e-6
+
+
+@pytest.mark.parametrize("layout", ["tp2", "pp2", "cp2_zero1"])
+def test_local_sync_leaves_parallelism_inside_a_worker_alone(four, layout):
+    results, _ = four
+    assert max_gap(results[f"diloco_h1_{layout}"]["losses"], results["every_step_sgd"]["losses"]) < 1e-5
 
 
 def test_diloco_with_one_worker_is_plain_training(one):
