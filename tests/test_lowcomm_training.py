@@ -19,6 +19,7 @@ NOLOCO_AS_DILOCO = ["sync.inner_steps=5", "sync.outer_lr=0.6", "sync.outer_momen
 # Resume checks: 12 steps straight against 7 steps, then a second run continuing to 12.
 SHORT = ["train.steps=12", "checkpoint.every=0"]
 CO2 = ["train.sync=co2", "sync.inner_steps=5", "sync.clip=5"]
+GALORE = ["optim.name=galore", "optim.rank=8", "optim.update_proj_gap=5"]
 POWERSGD = ["parallel.grad_compression=powersgd", "compression.rank=2", "compression.warmup_steps=2"]
 
 
@@ -43,7 +44,7 @@ def four_worker_jobs(root: Path) -> list[tuple[str, list[str], str]]:
         "powersgd_resumed": POWERSGD + SHORT,
         "adaptive": ["parallel.grad_compression=adaptive", "compression.rank=2", "compression.warmup_steps=2",
                      "compression.adjust_every=5"],
-        "galore": ["optim.name=galore", "optim.rank=8", "optim.update_proj_gap=5"],
+        "galore": GALORE,
     }
     dirs = {name: name for name in jobs}
     dirs["co2_resumed"], dirs["powersgd_resumed"] = "co2_first", "powersgd_first"
@@ -54,9 +55,14 @@ def one_worker_jobs(root: Path) -> list[tuple[str, list[str], str]]:
     jobs = {
         "plain": [],
         "diloco_one_worker": ["train.sync=diloco", "sync.inner_steps=5"] + OUTER_SGD,
-        "galore": ["optim.name=galore", "optim.rank=8", "optim.update_proj_gap=5"],
+        "galore": GALORE,
+        "galore_short": GALORE + SHORT,
+        "galore_first": GALORE + SHORT + ["train.steps=7"],
+        "galore_resumed": GALORE + SHORT,
     }
-    return [(name, SMALL + overrides, str(root / name)) for name, overrides in jobs.items()]
+    dirs = {name: name for name in jobs}
+    dirs["galore_resumed"] = "galore_first"
+    return [(name, SMALL + overrides, str(root / dirs[name])) for name, overrides in jobs.items()]
 
 
 @pytest.fixture(scope="module")
@@ -110,6 +116,12 @@ def test_per_worker_state_resumes_exactly(four, method):
     assert results[f"{method}_first"]["final_step"] == 7
     resumed = results[f"{method}_first"]["losses"] + results[f"{method}_resumed"]["losses"]
     assert max_gap(resumed, results[method]["losses"]) < 1e-6
+
+
+def test_galore_state_resumes_exactly(one):
+    """GaLore's projections and projected moments (not elementwise) go through the checkpoint."""
+    resumed = one["galore_first"]["losses"] + one["galore_resumed"]["losses"]
+    assert max_gap(resumed, one["galore_short"]["losses"]) < 1e-6
 
 
 def test_galore_is_layout_invariant(four, one):
