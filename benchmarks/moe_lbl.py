@@ -24,6 +24,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -58,15 +59,21 @@ def domain_of(positions: np.ndarray) -> np.ndarray:
     return (positions // BLOCK) % 2
 
 
-def train(corpus: Path, run_dir: Path, scope: str, steps: int) -> float:
+def train(corpus: Path, run_dir: Path, scope: str, steps: int, seed: int) -> dict:
+    """Train on 2 local ranks; the last step's figures."""
     command = [sys.executable, "-m", "plait", "train", "tiny", "--nproc", "2", "--run-dir", str(run_dir),
                "--set", f"data.corpus={corpus}", "--set", f"train.steps={steps}",
-               "--set", f"train.lbl_scope={scope}"]
+               "--set", f"train.lbl_scope={scope}", "--set", f"train.seed={seed}"]
     for setting in SETTINGS:
         command += ["--set", setting]
+    started = time.perf_counter()
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+    seconds = time.perf_counter() - started
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return rows[-1]["val_loss"]
+    last = rows[-1]
+    return {"val_loss": round(last["val_loss"], 4), "train_loss": round(last["loss"], 4),
+            "moe_lbl": round(last["moe_lbl"], 4),
+            "moe_imbalance": [round(x, 3) for x in last["moe_imbalance"]], "train_s": round(seconds, 1)}
 
 
 @torch.no_grad()
@@ -110,9 +117,11 @@ def specialisation(run_dir: Path, corpus: Path, windows: int = 64) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--seed", type=int, default=1234)
     args = parser.parse_args()
-    out = {"benchmark": "moe_lbl", "steps": args.steps, "settings": SETTINGS, "block_bytes": BLOCK}
+    out = {"benchmark": "moe_lbl", "steps": args.steps, "seed": args.seed, "settings": SETTINGS,
+           "block_bytes": BLOCK}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         os.environ.setdefault("PLAIT_CACHE", str(root / "cache"))
@@ -120,8 +129,7 @@ def main() -> None:
         mixed_corpus(corpus)
         for scope in ("micro_batch", "global_batch"):
             run_dir = root / scope
-            val_loss = train(corpus, run_dir, scope, args.steps)
-            out[scope] = {"val_loss": round(val_loss, 4), **specialisation(run_dir, corpus)}
+            out[scope] = {**train(corpus, run_dir, scope, args.steps, args.seed), **specialisation(run_dir, corpus)}
     print(json.dumps(out, indent=1))
 
 

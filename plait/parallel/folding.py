@@ -31,7 +31,7 @@ import torch.distributed as dist
 from torch import nn
 
 from plait.config import OptimConfig
-from plait.mesh import Mesh
+from plait.mesh import Mesh, ParallelDims
 from plait.model.moe import MoE
 from plait.parallel.comm import CHECKPOINT, Comm, Group
 from plait.parallel.expert import apply_expert_parallel, expert_slice
@@ -45,7 +45,7 @@ def is_expert_param(name: str) -> bool:
     return EXPERT_MARK in name
 
 
-def folded_groups(dims, ep: int) -> dict[str, list[list[int]]]:
+def folded_groups(dims: ParallelDims, ep: int) -> dict[str, list[list[int]]]:
     """Global ranks of every ep and edp group (etp = 1), and of the token-holder groups.
 
     Pure arithmetic over mesh.ParallelDims: within each pipeline stage the tp·cp·dp ranks, in
