@@ -94,3 +94,17 @@ def test_slow_rank_is_named_within_20_steps(runs):
     assert slow["rank"] == 2 and slow["action"] == "reported"
     assert slow["step"] < 14 + 20
     assert "fault detected: slow of rank 2" in result.stderr
+
+
+def test_usage_error_in_a_worker_is_not_restarted(tmp_path):
+    from plait.train import checkpoint as ckpt
+
+    ckpt.write_checkpoint(tmp_path / "run" / "checkpoints", 3, {"trainer.json": {"step": 3}})
+    args = [sys.executable, "-m", "plait", "train", "--nproc", "2", "--run-dir", str(tmp_path / "run"),
+            "--set", "checkpoint.resume=never", "--set", "train.steps=2"]
+    result = subprocess.run(args, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = [line for line in result.stderr.splitlines() if line.startswith("plait:")]
+    assert lines == [lines[0]] and "checkpoint.resume=never" in lines[0]  # said once, no fault reported
+    assert not read(tmp_path / "run" / "metrics.jsonl")  # not a step trained

@@ -286,7 +286,7 @@ class Monitor:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         with (self.run_dir / "events.jsonl").open("a") as f:
             f.write(json.dumps(record) + "\n")
-        where = f" in {verdict.collective}" + (f" #{verdict.seq}" if verdict.seq else "") + f" of group {verdict.group}"
+        where = f" [{verdict.collective}" + (f" #{verdict.seq}" if verdict.seq else "") + f", group {verdict.group}]"
         where = where if verdict.group else ""
         print(f"plait: fault detected: {verdict.kind} of rank {verdict.rank} (host {verdict.host}, pid "
               f"{verdict.pid}) at step {verdict.step}{where}: {verdict.detail}"

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -56,7 +57,8 @@ class Resilience:
         self.snapshot_every = r.snapshot_every if r.mode == "restart" and restarts > 0 and one_node else 0
         self.root = snapshot_root(run_dir, job_id())
         self.buddy = buddy_rank(rt.world_size, rt.local_world_size)
-        self.started = time.time()
+        self._writer: threading.Thread | None = None  # the snapshot being written, if any
+        self._written: dict[str, Any] = {}
 
     # --- the loop ---------------------------------------------------------------------------
     def begin_step(self, step: int) -> None:
@@ -67,8 +69,11 @@ class Resilience:
     def end_step(self, trainer: "Trainer", step: int, step_time_s: float) -> None:
         if self.watchdog is not None:
             self.watchdog.end_step(step, step_time_s)
-        if self.snapshot_every and step % self.snapshot_every == 0 and step < self.cfg.train.steps:
+        every = self.cfg.checkpoint.every
+        just_checkpointed = step == self.cfg.train.steps or (every and step % every == 0)
+        if self.snapshot_every and step % self.snapshot_every == 0 and not just_checkpointed:
             self.snapshot(trainer)
+        self._collect_writer(trainer.log, wait=False)
 
     def snapshot(self, trainer: "Trainer") -> None:
         """Gather the full state (collective) and keep it in shared memory on rank 0 and its buddy."""
@@ -89,9 +94,31 @@ class Resilience:
             from plait.lowcomm import training as lowcomm
 
             files[lowcomm.LOCAL_STATE_FILE] = {"layout": self.mesh.describe(), "ranks": local_states}
-        path = write_snapshot(self.root, copy, trainer.state.step, files)
-        trainer.log.event("snapshot_saved", step=trainer.state.step, path=str(path),
-                          seconds=round(time.perf_counter() - started, 4))  # (rank 0 writes events)
+        self._collect_writer(trainer.log, wait=True)  # one write in flight at a time
+        # The gathered tensors are fresh copies, so serialising, hashing and writing them can
+        # go on in a thread while training continues: off the step's critical path.
+        step, gathered_s = trainer.state.step, time.perf_counter() - started
+        self._writer = threading.Thread(target=self._write, args=(copy, step, files, gathered_s),
+                                        name="plait-snapshot", daemon=True)
+        self._writer.start()
+
+    def _write(self, copy: str, step: int, files: dict, gathered_s: float) -> None:
+        started = time.perf_counter()
+        try:
+            path = write_snapshot(self.root, copy, step, files)
+            self._written = {"step": step, "path": str(path), "seconds": round(gathered_s, 4),
+                             "write_seconds": round(time.perf_counter() - started, 4)}
+        except OSError as exc:  # shared memory full, say: training goes on, the disk checkpoint remains
+            self._written = {"step": step, "error": f"{type(exc).__name__}: {exc}"}
+
+    def _collect_writer(self, log: Any, wait: bool) -> None:
+        """Log a finished background write (from the main thread: RunLog is not thread-safe)."""
+        if self._writer is None or (self._writer.is_alive() and not wait):
+            return
+        self._writer.join()
+        self._writer = None
+        written = self._written
+        log.event("snapshot_failed" if "error" in written else "snapshot_saved", **written)
 
     # --- resume -----------------------------------------------------------------------------
     def prefer_snapshot(self, path: Path | None, rejected: list[tuple[Path, str]]
@@ -133,5 +160,7 @@ class Resilience:
               f"{record['recovery_time_s']} s after detection", flush=True)
 
     def close(self, finished: bool) -> None:
+        if self._writer is not None:
+            self._writer.join()
         if self.watchdog is not None:
             self.watchdog.stop("done" if finished else "failed")
