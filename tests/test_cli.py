@@ -39,7 +39,7 @@ def assert_usage_error(result: subprocess.CompletedProcess, *fragments: str) -> 
     (["--set", "train.stpes=5"], ["unknown config key 'train.stpes'", "train.steps"]),
     (["--set", "optim.lr=fast"], ["optim.lr='fast' must be a number"]),
     (["--nproc", "4", "--set", "parallel.dp=3"], ["parallel.dp=3 x tp=1 x cp=1 x pp=1 = 3 != world size 4"]),
-    (["--nproc", "2", "--set", "parallel.ep=2"], ["parallel.ep=2 is not yet supported"]),
+    (["--nproc", "2", "--set", "model.n_experts=4", "--set", "parallel.etp=2"], ["parallel.etp=2 is not yet supported"]),
     (["no-such-preset"], ["'no-such-preset' is neither a TOML file nor a preset"]),
 ])
 def test_bad_config_exits_2_with_one_line(tmp_path, args, fragments):
