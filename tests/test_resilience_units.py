@@ -13,7 +13,12 @@ from plait.config import load_config, validate
 from plait.errors import ConfigError
 from plait.resilience.inject import Fault, FaultInjector, fired_faults, parse_faults
 from plait.resilience.monitor import Monitor, find_crash, find_hang, find_slow
-from plait.resilience.snapshot import buddy_rank, newest_valid_snapshot, snapshot_step, write_snapshot
+from plait.resilience.snapshot import (
+    buddy_rank,
+    newest_valid_snapshot,
+    snapshot_step,
+    write_snapshot,
+)
 from plait.train import checkpoint as ckpt
 
 

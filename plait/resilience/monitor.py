@@ -90,7 +90,7 @@ def find_crash(beats: dict[int, dict], gone: list[int], now: float) -> Verdict |
                        beat["step"], onset=beat["time"], waiting_ranks=sorted(waiting),
                        detail=f"gone before collective #{flight['seq']} of group {flight['group']}")
     # No evidence of who left the others waiting: an abrupt death beats an exception exit.
-    rank = sorted(gone, key=lambda r: (beats[r].get("state") == "failed", gone.index(r)))[0]
+    rank = min(gone, key=lambda r: (beats[r].get("state") == "failed", gone.index(r)))
     beat = beats[rank]
     flight = beat.get("inflight")
     if flight:
@@ -198,7 +198,7 @@ class Monitor:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="plait-monitor", daemon=True)
 
-    def start(self) -> "Monitor":
+    def start(self) -> Monitor:
         self._thread.start()
         return self
 

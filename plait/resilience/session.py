@@ -29,8 +29,14 @@ from plait.parallel.comm import CHECKPOINT, Comm
 from plait.resilience.heartbeat import STORE_ENV, Watchdog, connect_store, generation
 from plait.resilience.inject import FaultInjector, parse_faults
 from plait.resilience.monitor import FAULT_KEY
-from plait.resilience.snapshot import (buddy_rank, job_id, newest_valid_snapshot, snapshot_root, snapshot_step,
-                                       write_snapshot)
+from plait.resilience.snapshot import (
+    buddy_rank,
+    job_id,
+    newest_valid_snapshot,
+    snapshot_root,
+    snapshot_step,
+    write_snapshot,
+)
 from plait.train.runtime import Runtime
 
 if TYPE_CHECKING:
@@ -66,7 +72,7 @@ class Resilience:
         if self.watchdog is not None:
             self.watchdog.begin_step(step)
 
-    def end_step(self, trainer: "Trainer", step: int, step_time_s: float) -> None:
+    def end_step(self, trainer: Trainer, step: int, step_time_s: float) -> None:
         if self.watchdog is not None:
             self.watchdog.end_step(step, step_time_s)
         every = self.cfg.checkpoint.every
@@ -75,7 +81,7 @@ class Resilience:
             self.snapshot(trainer)
         self._collect_writer(trainer.log, wait=False)
 
-    def snapshot(self, trainer: "Trainer") -> None:
+    def snapshot(self, trainer: Trainer) -> None:
         """Gather the full state (collective) and keep it in shared memory on rank 0 and its buddy."""
         from plait.train.resume import checkpoint_files
 
