@@ -28,7 +28,8 @@ CAPPED = ["model.capacity_factor=1.0"]
 SCOPE_RUN = ["train.lbl_coef=1.0", "train.steps=6"]
 
 LAYOUTS_2 = {"ep2": ["parallel.ep=2"], "tp2_etp1": ["parallel.tp=2"],
-             "ep2_capped": ["parallel.ep=2"] + CAPPED}
+             "ep2_capped": ["parallel.ep=2"] + CAPPED,
+             "ep2_zero2": ["parallel.ep=2", "parallel.zero=2"]}  # reduce-scatter per micro-batch
 LAYOUTS_4 = {
     "ep4": ["parallel.ep=4"],
     "ep4_cp2_dp2": ["parallel.ep=4", "parallel.cp=2"],
@@ -57,9 +58,12 @@ def runs(tmp_path_factory):
     }))[0]
     two = run_on_ranks(2, run_many, jobs(root, LAYOUTS_2))[0]
     checkpoint = root / "ep2" / "checkpoints" / "step-00000010"
+    sharded = root / "ep2_edp2_zero1" / "checkpoints" / "step-00000010"  # written after that run
     four = run_on_ranks(4, run_many, jobs(root, LAYOUTS_4) + [
         ("ep4_cp2_dp2_from_ep2", MOE + ["parallel.ep=4", "parallel.cp=2", f"checkpoint.resume={checkpoint}"],
          str(root / "resumed")),
+        ("ep4_from_ep2_edp2_zero1", MOE + ["parallel.ep=4", f"checkpoint.resume={sharded}"],
+         str(root / "resumed_from_zero1")),
     ])[0]
     return {**one, **two, **four, "root": root}
 
@@ -96,8 +100,10 @@ def test_capacity_drops_the_same_tokens(runs):
     assert all(f == 0 for r in metrics(runs["root"] / "ref") for f in r["moe_dropped_frac"])
 
 
-def test_checkpoint_resumes_in_another_layout(runs):
-    resumed = runs["ep4_cp2_dp2_from_ep2"]
+@pytest.mark.parametrize("resumed", ["ep4_cp2_dp2_from_ep2", "ep4_from_ep2_edp2_zero1"])
+def test_checkpoint_resumes_in_another_layout(runs, resumed):
+    """Experts gathered whole over ep (and, under ZeRO-1, over edp) and cut again."""
+    resumed = runs[resumed]
     assert resumed["final_step"] == 20 and len(resumed["losses"]) == 10
     assert max_diff(resumed["losses"], runs["ref"]["losses"][10:]) < TOL
 
