@@ -23,7 +23,7 @@ MODES = {
     "diloco_h10": ["train.sync=diloco", "sync.inner_steps=10"],
     "diloco_h50": ["train.sync=diloco", "sync.inner_steps=50"],
     "noloco_h10": ["train.sync=noloco", "sync.inner_steps=10", "sync.outer_momentum=0.5"],
-    "co2_h10": ["train.sync=co2", "sync.inner_steps=10", "sync.outer_lr=0.7", "sync.outer_momentum=0.5"],
+    "co2_h10": ["train.sync=co2", "sync.inner_steps=10", "sync.outer_lr=1.0", "sync.outer_momentum=0"],
     "powersgd_r2": ["parallel.grad_compression=powersgd", "compression.rank=2"],
     "powersgd_r8": ["parallel.grad_compression=powersgd", "compression.rank=8"],
     "adaptive_r4": ["parallel.grad_compression=adaptive", "compression.rank=4", "compression.adjust_every=50"],
