@@ -3,9 +3,9 @@ single-process losses under expert parallelism folded into every layout (ep 2 on
 ep 4 on 4, ep 2 with expert-data-parallel 2 under ZeRO-1, ep 4 over cp 2 x dp 2, tp 2 with
 etp 1 on 2 and on 4 ranks), drops the same tokens with a capacity factor, resumes across
 layouts, and keeps the global-batch load-balancing loss independent of how the batch is cut
-into micro-batches while the micro-batch scope depends on it. The layer-level checks (the
-per-token loop, the balance losses' values, global-batch LBL over 2 ranks x 2 micro-batches,
-dispatch with all tokens to one expert or none to another) are in test_moe.py."""
+into micro-batches while the micro-batch scope depends on it (but not on cp). The layer-level
+checks (the per-token loop, the balance losses' values, global-batch LBL over 2 ranks x 2
+micro-batches, dispatch with all tokens to one expert or none to another) are in test_moe.py."""
 
 from __future__ import annotations
 
@@ -30,6 +30,9 @@ SCOPE_RUN = ["train.lbl_coef=1.0", "train.steps=6"]
 LAYOUTS_2 = {"ep2": ["parallel.ep=2"], "tp2_etp1": ["parallel.tp=2"],
              "ep2_capped": ["parallel.ep=2"] + CAPPED,
              "ep2_zero2": ["parallel.ep=2", "parallel.zero=2"]}  # reduce-scatter per micro-batch
+# Micro-batch scope counts f over the ranks sharing a micro-batch (here the cp pair), so it
+# still matches one process cutting the batch into the same micro-batches.
+MICRO_SCOPE_CP2 = ["parallel.cp=2", "parallel.ep=2", "train.lbl_scope=micro_batch", "train.micro_batch=2", *SCOPE_RUN]
 LAYOUTS_4 = {
     "ep4": ["parallel.ep=4"],
     "ep4_cp2_dp2": ["parallel.ep=4", "parallel.cp=2"],
@@ -56,7 +59,7 @@ def runs(tmp_path_factory):
         **{f"{scope}_micro{micro}": [f"train.lbl_scope={scope}", f"train.micro_batch={micro}", *SCOPE_RUN]
            for scope in ("global_batch", "micro_batch") for micro in (2, 4)},
     }))[0]
-    two = run_on_ranks(2, run_many, jobs(root, LAYOUTS_2))[0]
+    two = run_on_ranks(2, run_many, jobs(root, {**LAYOUTS_2, "micro_scope_cp2": MICRO_SCOPE_CP2}))[0]
     checkpoint = root / "ep2" / "checkpoints" / "step-00000010"
     sharded = root / "ep2_edp2_zero1" / "checkpoints" / "step-00000010"  # written after that run
     four = run_on_ranks(4, run_many, jobs(root, LAYOUTS_4) + [
@@ -115,6 +118,7 @@ def test_lbl_scope_and_micro_batches(runs):
     print(f"global-batch scope, micro 2 vs 4: {same:.2e}; micro-batch scope: {differs:.2e}")
     assert same < TOL
     assert differs > TOL
+    assert max_diff(runs["micro_scope_cp2"]["losses"], runs["micro_batch_micro2"]["losses"]) < TOL
 
 
 def test_metrics_keys(runs):
