@@ -67,6 +67,8 @@ class MoEAux:
         aux = self._aux_share(final)
         total = lm_loss if aux is None else lm_loss + aux
         total.backward(retain_graph=self.retain and not final)
+        for layer in self.layers:
+            layer.last_stats = None  # read; let its tensors go
         if final:  # the step's graphs and counts are spent
             self.prob_sums = [[] for _ in self.layers]
             for counts in self.global_counts:
