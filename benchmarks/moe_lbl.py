@@ -108,9 +108,10 @@ def specialisation(run_dir: Path, corpus: Path, windows: int = 64) -> dict:
         counts.index_put_((experts.flatten(), slot_domain.flatten()), torch.ones(experts.numel()), accumulate=True)
         load = counts.sum(dim=1)
         score = counts.max(dim=1).values / load.clamp(min=1)
-        per_layer.append({"specialisation": [round(float(s), 4) for s in score],
+        # An expert that received nothing has no domain: null, and left out of the mean.
+        per_layer.append({"specialisation": [round(float(s), 4) if n > 0 else None for s, n in zip(score, load)],
                           "load": [int(n) for n in load]})
-    mean = float(np.mean([s for layer in per_layer for s in layer["specialisation"]]))
+    mean = float(np.mean([s for layer in per_layer for s in layer["specialisation"] if s is not None]))
     return {"mean_specialisation": round(mean, 4), "layers": per_layer,
             "python_share_of_tokens": round(float(domains.float().mean()), 4)}
 
