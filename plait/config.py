@@ -169,7 +169,7 @@ class ResilienceConfig:
     # in-memory snapshot (else checkpoint); none: a fault ends the run. elastic: not yet supported.
     mode: Literal["none", "restart", "elastic"] = "restart"
     max_restarts: int = 3  # worker-group restarts the local launcher allows (restart mode)
-    snapshot_every: int = 10  # steps between in-memory snapshots (restart mode under a launcher); 0: none
+    snapshot_every: int = 25  # steps between in-memory snapshots (restart mode under a launcher); 0: none
     heartbeat_s: float = 0.5  # how often each rank's watchdog publishes its heartbeat
     hang_s: float = 0.0  # a collective waited in this long with a rank missing is a hang; 0: timeout_s / 2
     slow_k: float = 8.0  # a rank is slow when its lateness exceeds the median by slow_k MADs ...

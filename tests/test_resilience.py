@@ -1,10 +1,11 @@
 """Faults in real 4-process runs through `plait train --nproc 4` (the elastic launcher, gloo).
 
 Two runs share the checks: a healthy one (the reference trajectory, and no alarm), and one
-that rehearses three faults in turn: rank 1 hangs at step 5, rank 3 crashes at step 12, and
-rank 2 is slowed by 0.3 s before every collective from step 14. In restart mode the launcher
-restarts the workers after the hang and after the crash; they resume from the newest
-in-memory snapshot (every 3 steps), and the losses must equal the healthy run's.
+that rehearses four faults in turn: rank 1 hangs at step 5; while the restarted workers redo
+steps 4-5, rank 0 crashes (a failure during recovery); rank 3 crashes at step 12; rank 2 is
+slowed by 0.3 s before every collective from step 14. In restart mode the launcher restarts
+the workers after each hang or crash; they resume from the newest in-memory snapshot (every
+3 steps) or disk checkpoint, and the losses must equal the healthy run's.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ TIMEOUT_S = 10  # parallel.timeout_s: a hang must be named within this + 5 s
 SNAPSHOT_EVERY = 3
 RESILIENCE = ["resilience.mode=restart", f"resilience.snapshot_every={SNAPSHOT_EVERY}",
               "resilience.heartbeat_s=0.1", "resilience.slow_window=5", f"parallel.timeout_s={TIMEOUT_S}"]
-FAULTS = "hang@rank=1,step=5; crash@rank=3,step=12; slow@rank=2,delay=0.3,step=14"
+FAULTS = ("hang@rank=1,step=5; crash@rank=0,step=5,restart=1; crash@rank=3,step=12; "
+          "slow@rank=2,delay=0.3,step=14")
 
 
 def train(run_dir, *overrides: str) -> subprocess.CompletedProcess:
@@ -66,22 +68,23 @@ def test_healthy_run_raises_no_alarm(runs):
     assert "fault detected" not in result.stderr
 
 
-def test_hang_and_crash_are_named_and_recovered(runs):
+def test_hang_and_crashes_are_named_and_recovered(runs):
     path, result = runs["faulty"]
     events = read(path / "events.jsonl")
     detected = [e for e in events if e["event"] == "fault_detected" and e["kind"] != "slow"]
-    assert [(e["kind"], e["rank"]) for e in detected] == [("hang", 1), ("crash", 3)]
-    hang, crash = detected
+    assert [(e["kind"], e["rank"]) for e in detected] == [("hang", 1), ("crash", 0), ("crash", 3)]
+    hang, _, crash = detected
     assert hang["group"] and hang["collective"] and hang["pid"] and hang["host"]
     assert hang["detection_latency_s"] <= TIMEOUT_S + 5
     assert sorted(hang["waiting_ranks"]) == [0, 2, 3]
     assert crash["detection_latency_s"] <= TIMEOUT_S + 5
     assert "fault detected: hang of rank 1" in result.stderr and "fault detected: crash of rank 3" in result.stderr
     recovered = [e for e in events if e["event"] == "recovered"]
-    assert [(e["kind"], e["culprit"]) for e in recovered] == [("hang", 1), ("crash", 3)]
+    assert [(e["kind"], e["culprit"]) for e in recovered] == [("hang", 1), ("crash", 0), ("crash", 3)]
     # Each resumes from the newest state: the step-3 snapshot in memory after the hang at step
-    # 5; after the crash at step 12, the step-10 disk checkpoint (newer than the step-9 snapshot).
-    assert [(e["resumed_step"], e["source"]) for e in recovered] == [(3, "memory"), (10, "disk")]
+    # 5 and again after the crash at step 5 of the redo; after the crash at step 12, the
+    # step-10 disk checkpoint (newer than the step-9 snapshot).
+    assert [(e["resumed_step"], e["source"]) for e in recovered] == [(3, "memory"), (3, "memory"), (10, "disk")]
     for event in recovered:
         assert 0 <= event["steps_redone"] <= SNAPSHOT_EVERY
         assert event["world_size_before"] == event["world_size_after"] == 4

@@ -28,6 +28,15 @@ def test_parse_faults():
     assert parse_faults("crash@rank=2,step=7; hang@rank=1,step=5 ;slow@rank=3,delay=0.5") == [
         Fault("crash", 2, 7), Fault("hang", 1, 5), Fault("slow", 3, 1, 0.5)]
     assert parse_faults("slow@rank=0,delay=0.3,step=4") == [Fault("slow", 0, 4, 0.3)]
+    assert parse_faults("crash@rank=0,step=4,restart=1") == [Fault("crash", 0, 4, 0.0, 1)]
+
+
+def test_a_fault_for_a_later_restart_waits_for_it(tmp_path, monkeypatch):
+    faults = parse_faults("crash@rank=0,step=4,restart=1")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    assert not FaultInjector(faults, rank=0, run_dir=tmp_path).active
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    assert FaultInjector(faults, rank=0, run_dir=tmp_path).active
 
 
 @pytest.mark.parametrize("text", ["explode@rank=1,step=2", "crash@rank=1", "crash@step=3", "crash@rank=x,step=1",

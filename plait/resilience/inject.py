@@ -4,7 +4,8 @@
     hang@rank=1,step=5            rank 1 sleeps for ever before its first collective of step 5
     slow@rank=3,delay=0.5[,step=] rank 3 sleeps `delay` seconds before each collective from step on
 
-Several faults are separated by ";". A crash or hang fires once per run: it is recorded in
+`restart=N` limits a fault to the workers' N-th restart (0: the first start), e.g. a crash
+while the restarted workers redo steps: a failure during recovery. Several faults are separated by ";". A crash or hang fires once per run: it is recorded in
 the run directory before it fires, so the workers that the launcher restarts (and that redo
 the step) do not fire it again. A slow rank stays slow: it is a property of the machine.
 """
@@ -30,9 +31,11 @@ class Fault:
     rank: int
     step: int = 1
     delay: float = 0.0
+    restart: int = -1  # -1: in whichever worker generation reaches the step first
 
     def describe(self) -> str:
         extra = f",delay={self.delay:g}" if self.kind == "slow" else ""
+        extra += f",restart={self.restart}" if self.restart >= 0 else ""
         return f"{self.kind}@rank={self.rank},step={self.step}{extra}"
 
 
@@ -50,13 +53,14 @@ def parse_faults(text: str) -> list[Fault]:
         values: dict[str, str] = {}
         for pair in args.split(","):
             key, eq, value = pair.partition("=")
-            if not eq or key.strip() not in ("rank", "step", "delay"):
-                raise ConfigError(f"fault.inject: '{pair}' in '{item}' is not rank=, step= or delay=")
+            if not eq or key.strip() not in ("rank", "step", "delay", "restart"):
+                raise ConfigError(f"fault.inject: '{pair}' in '{item}' is not rank=, step=, delay= or restart=")
             values[key.strip()] = value.strip()
         try:
             rank = int(values["rank"])
             step = int(values.get("step", 1))
             delay = float(values.get("delay", 0))
+            restart = int(values.get("restart", -1))
         except KeyError:
             raise ConfigError(f"fault.inject: '{item}' needs rank=") from None
         except ValueError:
@@ -67,7 +71,7 @@ def parse_faults(text: str) -> list[Fault]:
             raise ConfigError(f"fault.inject: '{item}' needs delay= seconds > 0")
         if kind != "slow" and "step" not in values:
             raise ConfigError(f"fault.inject: '{item}' needs step=")
-        faults.append(Fault(kind, rank, step, delay))
+        faults.append(Fault(kind, rank, step, delay, restart))
     return faults
 
 
@@ -90,7 +94,8 @@ class FaultInjector:
     """This rank's faults: `begin_step` at the start of each step, `before_collective` as a Comm hook."""
 
     def __init__(self, faults: list[Fault], rank: int, run_dir: Path):
-        self.mine = [f for f in faults if f.rank == rank]
+        generation = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))  # restarts so far
+        self.mine = [f for f in faults if f.rank == rank and f.restart in (-1, generation)]
         self.run_dir = run_dir
         self.step = 0
         self._slowed: set[Fault] = set()

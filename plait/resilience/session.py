@@ -130,14 +130,15 @@ class Resilience:
     def prefer_snapshot(self, path: Path | None, rejected: list[tuple[Path, str]]
                         ) -> tuple[Path | None, list[tuple[Path, str]], str]:
         """Rank 0: the snapshot to resume from when it is newer than the disk checkpoint `path`.
-        Returns (path, rejected copies and checkpoints, "memory" | "disk")."""
+        Returns (path, rejected copies and checkpoints, "memory" | "disk" | "scratch")."""
+        on_disk = "disk" if path is not None else "scratch"  # scratch: nothing saved yet
         if not self.root.is_dir():
-            return path, rejected, "disk"
+            return path, rejected, on_disk
         snapshot, bad = newest_valid_snapshot(self.root)
         disk_step = int(json.loads((path / "manifest.json").read_text())["step"]) if path else 0
         if snapshot is not None and snapshot_step(snapshot) > disk_step:
             return snapshot, bad + rejected, "memory"
-        return path, [(p, why) for p, why in bad if snapshot_step(p) > disk_step] + rejected, "disk"
+        return path, [(p, why) for p, why in bad if snapshot_step(p) > disk_step] + rejected, on_disk
 
     def resumed(self, log: Any, step: int, steps_redone: int, source: str) -> None:
         """Rank 0, after a restart: what the fault cost, in events.jsonl and on the console."""
