@@ -36,14 +36,17 @@ def sets(overrides: list[str]) -> list[str]:
     return [item for o in overrides for item in ("--set", o)]
 
 
-def write_domains(out: Path, size: int) -> tuple[list[str], str]:
+def write_domains(out: Path, size: int, val_fraction: float = 0.05) -> tuple[list[str], str]:
     """One folder per domain and a folder holding both (the mixed corpus). The mixed corpus
-    takes the first 90% of each domain, so it never holds the domains' validation text (the
-    last data.val_fraction = 5% of each)."""
+    holds exactly each domain's training split (all but the last `val_fraction` of its bytes,
+    as the byte tokenizer splits), so the dense model and the experts train on the same text
+    and are evaluated on the same unseen validation text."""
     paths = []
     for name in ("shakespeare", "python"):
         text = read_text(resolve_corpus(name))[:size]
-        for folder, part in ((out / "data" / name, text), (out / "data" / "mixed", text[:int(0.9 * len(text))])):
+        raw = text.encode()
+        train_part = raw[:len(raw) - int(len(raw) * val_fraction)].decode(errors="ignore")
+        for folder, part in ((out / "data" / name, text), (out / "data" / "mixed", train_part)):
             folder.mkdir(parents=True, exist_ok=True)
             (folder / f"{name}.txt").write_text(part)
         paths.append(str(out / "data" / name))

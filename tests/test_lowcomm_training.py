@@ -8,7 +8,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from distributed import run_on_ranks
 from scenarios import run_many
 

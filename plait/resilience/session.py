@@ -21,11 +21,10 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
 
 from plait.config import Config
 from plait.mesh import Mesh
-from plait.parallel.comm import CHECKPOINT, Comm
+from plait.parallel.comm import Comm
 from plait.resilience.heartbeat import STORE_ENV, Watchdog, connect_store, generation
 from plait.resilience.inject import FaultInjector, parse_faults
 from plait.resilience.monitor import FAULT_KEY
@@ -83,23 +82,11 @@ class Resilience:
 
     def snapshot(self, trainer: Trainer) -> None:
         """Gather the full state (collective) and keep it in shared memory on rank 0 and its buddy."""
-        from plait.train.resume import checkpoint_files
-
         started = time.perf_counter()
-        rng_states = self.comm.all_gather_object(torch.get_rng_state(), self.mesh.world, tag=CHECKPOINT)
-        params, optim = trainer.parallel.full_state()
-        local_states = None  # per-rank state of local SGD or compression, as save_checkpoint keeps it
-        if getattr(trainer, "lowcomm", None) is not None:
-            local_states = self.comm.all_gather_object(trainer.lowcomm.state_dict(), self.mesh.world, tag=CHECKPOINT)
+        files = trainer.state_files()
         copy = "host" if self.rt.rank == 0 else "buddy" if self.rt.rank == self.buddy else None
         if copy is None:
             return
-        files = checkpoint_files(params, optim, trainer.state, self.cfg, rng_states,
-                                 trainer.data.tokenizer.to_json(), self.mesh.describe())
-        if local_states is not None:
-            from plait.lowcomm import training as lowcomm
-
-            files[lowcomm.LOCAL_STATE_FILE] = {"layout": self.mesh.describe(), "ranks": local_states}
         self._collect_writer(trainer.log, wait=True)  # one write in flight at a time
         # The gathered tensors are fresh copies, so serialising, hashing and writing them can
         # go on in a thread while training continues: off the step's critical path.

@@ -285,17 +285,22 @@ class Trainer:
         result.final_step = self.state.step
         return result
 
-    def save_checkpoint(self) -> None:
-        rng_states = self.comm.all_gather_object(torch.get_rng_state(), self.mesh.world)
+    def state_files(self) -> dict:
+        """The files of a checkpoint or snapshot, on every rank (collective over the world):
+        the layout-free model and optimizer, the RNG states and, for local SGD or compression,
+        each rank's own state."""
+        rng_states = self.comm.all_gather_object(torch.get_rng_state(), self.mesh.world, tag=CHECKPOINT)
         params, optim = self.parallel.full_state()
-        local_states = None  # per-rank state of local SGD or compression (differs between ranks)
+        files = checkpoint_files(params, optim, self.state, self.cfg, rng_states,
+                                 self.data.tokenizer.to_json(), self.mesh.describe())
         if self.lowcomm is not None:
             local_states = self.comm.all_gather_object(self.lowcomm.state_dict(), self.mesh.world, tag=CHECKPOINT)
+            files[lowcomm.LOCAL_STATE_FILE] = {"layout": self.mesh.describe(), "ranks": local_states}
+        return files
+
+    def save_checkpoint(self) -> None:
+        files = self.state_files()
         if self.rt.is_main:
-            files = checkpoint_files(params, optim, self.state, self.cfg, rng_states,
-                                     self.data.tokenizer.to_json(), self.mesh.describe())
-            if local_states is not None:
-                files[lowcomm.LOCAL_STATE_FILE] = {"layout": self.mesh.describe(), "ranks": local_states}
             path = ckpt.write_checkpoint(self.run_dir / "checkpoints", self.state.step, files)
             removed = ckpt.prune(self.run_dir / "checkpoints", self.cfg.checkpoint.keep)
             self.log.event("checkpoint_saved", step=self.state.step, path=str(path),
