@@ -11,12 +11,13 @@ import pytest
 from distributed import run_on_ranks
 from scenarios import run_many
 
-SMALL = ["model.n_layers=2"]  # the reductions hold for any model; a smaller one runs faster
+# The reductions hold for any model and at every step: a smaller model and 12 steps suffice.
+SMALL = ["model.n_layers=2", "train.steps=12", "checkpoint.every=0"]
 SGD = ["optim.name=sgd", "optim.momentum=0", "optim.weight_decay=0", "optim.grad_clip=0"]
 OUTER_SGD = ["sync.outer_lr=1", "sync.outer_momentum=0"]
 NOLOCO_AS_DILOCO = ["sync.inner_steps=5", "sync.outer_lr=0.6", "sync.outer_momentum=0.5"]
 # Resume checks: 12 steps straight against 7 steps, then a second run continuing to 12.
-SHORT = ["train.steps=12", "checkpoint.every=0"]
+FIRST = ["train.steps=7"]
 CO2 = ["train.sync=co2", "sync.inner_steps=5", "sync.clip=5"]
 GALORE = ["optim.name=galore", "optim.rank=8", "optim.update_proj_gap=5"]
 POWERSGD = ["parallel.grad_compression=powersgd", "compression.rank=2", "compression.warmup_steps=2"]
@@ -31,16 +32,15 @@ def four_worker_jobs(root: Path) -> list[tuple[str, list[str], str]]:
         "diloco_h1_pp2": SGD + ["train.sync=diloco", "sync.inner_steps=1", "parallel.pp=2"] + OUTER_SGD,
         "diloco_h1_cp2_zero1": SGD + ["train.sync=diloco", "sync.inner_steps=1", "parallel.cp=2",
                                       "parallel.zero=1"] + OUTER_SGD,
-        "diloco_h5": ["train.sync=diloco", "sync.inner_steps=5"],
         "diloco_plain_momentum": ["train.sync=diloco", "sync.nesterov=false"] + NOLOCO_AS_DILOCO,
         "noloco_one_group": ["train.sync=noloco", "sync.group_size=4"] + NOLOCO_AS_DILOCO,
         "every_step": [],
-        "co2": CO2 + SHORT,
-        "co2_first": CO2 + SHORT + ["train.steps=7"],
-        "co2_resumed": CO2 + SHORT,
-        "powersgd": POWERSGD + SHORT,
-        "powersgd_first": POWERSGD + SHORT + ["train.steps=7"],
-        "powersgd_resumed": POWERSGD + SHORT,
+        "co2": CO2,
+        "co2_first": CO2 + FIRST,
+        "co2_resumed": CO2,
+        "powersgd": POWERSGD,
+        "powersgd_first": POWERSGD + FIRST,
+        "powersgd_resumed": POWERSGD,
         "adaptive": ["parallel.grad_compression=adaptive", "compression.rank=2", "compression.warmup_steps=2",
                      "compression.adjust_every=5"],
         "galore": GALORE,
@@ -55,9 +55,8 @@ def one_worker_jobs(root: Path) -> list[tuple[str, list[str], str]]:
         "plain": [],
         "diloco_one_worker": ["train.sync=diloco", "sync.inner_steps=5"] + OUTER_SGD,
         "galore": GALORE,
-        "galore_short": GALORE + SHORT,
-        "galore_first": GALORE + SHORT + ["train.steps=7"],
-        "galore_resumed": GALORE + SHORT,
+        "galore_first": GALORE + FIRST,
+        "galore_resumed": GALORE,
     }
     dirs = {name: name for name in jobs}
     dirs["galore_resumed"] = "galore_first"
@@ -120,7 +119,7 @@ def test_per_worker_state_resumes_exactly(four, method):
 def test_galore_state_resumes_exactly(one):
     """GaLore's projections and projected moments (not elementwise) go through the checkpoint."""
     resumed = one["galore_first"]["losses"] + one["galore_resumed"]["losses"]
-    assert max_gap(resumed, one["galore_short"]["losses"]) < 1e-6
+    assert max_gap(resumed, one["galore"]["losses"]) < 1e-6
 
 
 def test_galore_is_layout_invariant(four, one):
@@ -129,21 +128,22 @@ def test_galore_is_layout_invariant(four, one):
 
 
 def test_traffic_per_mode(four):
-    """DiLoCo at H = 5 sends a fifth of every-step data parallelism's bytes; compression less."""
+    """DiLoCo at H = 5 sends one weight all-reduce per 5 steps; compression sends less than every_step."""
     _, root = four
     every_step = comm_bytes(root / "every_step")
     assert every_step > 0
-    assert comm_bytes(root / "diloco_h5") / every_step == pytest.approx(1 / 5, rel=0.02)
-    assert comm_bytes(root / "adaptive") < 0.5 * every_step
-    # 12 steps, of which the first 2 uncompressed: well under the 12/20 of every_step's bytes.
+    # Outer syncs after steps 5 and 10 of 12: 2 all-reduces of the weights against 12 of gradients.
+    assert comm_bytes(root / "diloco_plain_momentum") / every_step == pytest.approx(2 / 12, rel=0.02)
+    # 12 steps, of which the first 2 uncompressed (2/12 = 0.17 of every_step's bytes).
+    assert comm_bytes(root / "adaptive") < 0.3 * every_step
     assert comm_bytes(root / "powersgd") < 0.3 * every_step
 
 
 def test_compression_and_local_sync_learn(four):
     results, _ = four
-    for name in ("diloco_h5", "adaptive", "galore", "co2"):
+    for name in ("diloco_plain_momentum", "adaptive", "galore", "co2"):
         losses = results[name]["losses"]
-        assert losses[-1] < losses[0] - 0.3, name
+        assert losses[-1] < losses[0] - 0.15, (name, losses)
 
 
 @pytest.mark.parametrize("overrides, message", [
