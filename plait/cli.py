@@ -70,6 +70,13 @@ def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
 
         if usage_error_noted():  # an earlier worker generation said why; restarting cannot help
             return USAGE_ERROR
+        from plait.resilience.elastic import ID_ENV
+
+        if ID_ENV in os.environ:  # a worker of plait's elastic launcher (resilience.mode=elastic)
+            from plait.resilience.elastic import elastic_train
+
+            elastic_train(cfg, run_dir)
+            return 0
         from plait.train.trainer import train
 
         train(cfg, run_dir)

@@ -166,10 +166,12 @@ class FaultConfig:
 @dataclass
 class ResilienceConfig:
     # restart: the launcher restarts the workers after a fault and they resume from the newest
-    # in-memory snapshot (else checkpoint); none: a fault ends the run. elastic: not yet supported.
+    # in-memory snapshot (else checkpoint); none: a fault ends the run. elastic: the survivors
+    # re-form in place for the smaller world and a replacement joins later (resilience/elastic.py).
     mode: Literal["none", "restart", "elastic"] = "restart"
-    max_restarts: int = 3  # worker-group restarts the local launcher allows (restart mode)
-    snapshot_every: int = 25  # steps between in-memory snapshots (restart mode under a launcher); 0: none
+    max_restarts: int = 3  # worker-group restarts the local launcher allows (restart mode); elastic: replacements
+    # steps between in-memory snapshots (restart mode under a launcher) or replicas (elastic); 0: none
+    snapshot_every: int = 25
     heartbeat_s: float = 0.5  # how often each rank's watchdog publishes its heartbeat
     hang_s: float = 0.0  # a collective waited in this long with a rank missing is a hang; 0: timeout_s / 2
     slow_k: float = 8.0  # a rank is slow when its lateness exceeds the median by slow_k MADs ...
@@ -417,8 +419,6 @@ def _validate_resilience(cfg: Config) -> None:
     from plait.resilience.inject import parse_faults  # imported here: it imports this module's errors
 
     r = cfg.resilience
-    if r.mode == "elastic":
-        raise ConfigError("resilience.mode=elastic is not yet supported (use restart)")
     for name in ("max_restarts", "snapshot_every", "slow_window"):
         if getattr(r, name) < 0:
             raise ConfigError(f"resilience.{name}={getattr(r, name)} must not be negative")

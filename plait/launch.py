@@ -27,6 +27,11 @@ def launch_local(nproc: int, plait_args: list[str], max_restarts: int = 0, cfg=N
     apply: the launcher hosts the store the workers' watchdogs publish to, runs the monitor
     that names faulty ranks, and restarts the workers up to resilience.max_restarts times."""
     run_id = f"plait-{uuid.uuid4().hex[:8]}"
+    if cfg is not None and run_dir is not None and cfg.resilience.mode == "elastic" and nproc > 1:
+        # plait's own launcher: torch's elastic agent would stop the survivors of a fault.
+        from plait.resilience.elastic_launcher import launch_elastic
+
+        return launch_elastic(nproc, plait_args, cfg, Path(run_dir), run_id)
     guard = None
     if cfg is not None and run_dir is not None:
         from plait.resilience.launcher import ResilienceGuard

@@ -50,8 +50,7 @@ def test_config_sections_and_validation():
     cfg = load_config("tiny", ["fault.inject=crash@rank=1,step=3", "resilience.snapshot_every=2"])
     assert cfg.resilience.mode == "restart" and cfg.resilience.snapshot_every == 2
     validate(cfg, 2)
-    with pytest.raises(ConfigError, match="resilience.mode=elastic is not yet supported"):
-        validate(load_config("tiny", ["resilience.mode=elastic"]), 2)
+    validate(load_config("tiny", ["resilience.mode=elastic"]), 2)  # see test_resilience_elastic.py
     with pytest.raises(ConfigError, match="resilience.heartbeat_s"):
         validate(load_config("tiny", ["resilience.heartbeat_s=0"]), 2)
     with pytest.raises(ConfigError, match="fault.inject"):

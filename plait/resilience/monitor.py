@@ -187,6 +187,7 @@ class Monitor:
         self.poll_s = min(0.05, heartbeat_s / 2)
         self.stale_s = max(20 * heartbeat_s, 10.0)  # a heartbeat this old on another host: crashed
         self.hang_s, self.restart = hang_s, restart
+        self.elastic = False  # resilience.mode=elastic: the survivors go on in place
         self.slow = (slow_k, slow_window, slow_min_fraction)
         self.host = socket.gethostname()
         self.generation = -1  # the newest worker generation seen
@@ -274,6 +275,8 @@ class Monitor:
         latency = None if onset is None else round(max(0.0, now - onset), 3)
         if verdict.kind == "slow":
             action = "reported"
+        elif self.elastic:
+            action = "elastic"
         elif self.restart:
             action = "restart"
         else:

@@ -1,0 +1,218 @@
+"""`resilience.mode = elastic`, the launcher's side: plait's own small local launcher.
+
+PyTorch's elastic agent stops every worker when one fails, which is the opposite of what
+elastic mode wants, so this launcher starts the workers itself (one subprocess each), hosts
+the store (a TCPStore on 127.0.0.1, port 0) and runs the monitor (monitor.py) as restart mode
+does. It watches the processes: when a member exits with an error (it crashed, or the monitor
+killed it after a hang), it publishes the next epoch (elastic.py) with the survivors and the
+fault record, and the survivors re-form in place. Once the smaller group trains, it starts
+one replacement (up to `resilience.max_restarts` in all), which registers in the store and is
+let in by rank 0 at a step boundary (grow).
+
+Where the smaller world cannot keep the global batch (global_batch not divisible by
+micro_batch x dp), or the layout has tp/pp/cp > 1, it falls back to restart mode and says so.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from plait.resilience.elastic import (
+    EPOCH_ENV,
+    EPOCH_KEY,
+    FAULT_KEY,
+    FORMED_KEY,
+    ID_ENV,
+    JOIN_ENV,
+    MEMBERS_KEY,
+    NPROC_ENV,
+)
+from plait.resilience.inject import fired_faults
+from plait.resilience.monitor import FAULT_KEY as MONITOR_FAULT_KEY
+
+USAGE_ERROR = 2
+POLL_S = 0.05
+
+
+def layout_fallback(cfg: Any, nproc: int) -> str | None:
+    """Why this job cannot shrink in place (then it runs in restart mode), or None."""
+    from plait import config as config_mod
+
+    p = cfg.parallel
+    if max(p.tp, p.pp, p.cp) > 1:
+        return f"tp={p.tp} x pp={p.pp} x cp={p.cp} > 1"
+    if cfg.train.sync != "every_step" or cfg.parallel.grad_compression != "none":
+        return f"train.sync={cfg.train.sync} / parallel.grad_compression keep per-rank state"
+    checked = copy.deepcopy(cfg)
+    config_mod.validate(checked, nproc)
+    return batch_fallback(cfg.train.global_batch, checked.train.micro_batch, nproc - 1)
+
+
+def batch_fallback(global_batch: int, micro_batch: int, dp: int) -> str | None:
+    if dp < 1:
+        return "no worker left"
+    if global_batch % (micro_batch * dp):
+        return f"train.global_batch={global_batch} is not divisible by micro_batch={micro_batch} x dp={dp}"
+    return None
+
+
+def say_fallback(run_dir: Path, reason: str) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with (run_dir / "events.jsonl").open("a") as f:
+        f.write(json.dumps({"event": "elastic_fallback", "time": time.time(), "reason": reason,
+                            "mode": "restart"}) + "\n")
+    print(f"plait: resilience.mode=elastic cannot shrink this job in place ({reason}): "
+          f"falling back to restart mode", file=sys.stderr, flush=True)
+
+
+class ElasticLauncher:
+    def __init__(self, nproc: int, plait_args: list[str], cfg: Any, run_dir: Path, run_id: str):
+        from plait import config as config_mod
+        from plait.resilience.launcher import ResilienceGuard
+
+        self.nproc, self.args, self.cfg, self.run_dir = nproc, plait_args, cfg, run_dir
+        checked = copy.deepcopy(cfg)
+        config_mod.validate(checked, nproc)
+        self.micro_batch = checked.train.micro_batch
+        self.guard = ResilienceGuard(cfg, run_dir, nproc, run_id)
+        self.guard.monitor.elastic = True
+        self.store = self.guard.store
+        self.procs: dict[int, subprocess.Popen] = {}
+        self.exit_codes: dict[int, int] = {}
+        self.members: list[int] = []
+        self.epoch = 0
+        self.next_id = 0
+        self.replacements = 0  # started so far (at most resilience.max_restarts)
+        self.fallbacks = 0
+        self.replace_after: int | None = None  # start a replacement once this epoch trains
+
+    def spawn(self, epoch: int, join: bool) -> int:
+        wid, self.next_id = self.next_id, self.next_id + 1
+        env = {**os.environ, ID_ENV: str(wid), EPOCH_ENV: str(epoch), JOIN_ENV: "1" if join else "0",
+               NPROC_ENV: str(self.nproc), "WORLD_SIZE": str(self.nproc)}
+        self.procs[wid] = subprocess.Popen([sys.executable, "-m", "plait", *self.args], env=env)
+        return wid
+
+    def publish(self, members: list[int], fault: dict | None) -> int:
+        epoch = self.store.add(EPOCH_KEY, 1)
+        if fault is not None:
+            self.store.set(FAULT_KEY.format(epoch=epoch), json.dumps(fault))
+        self.store.set(MEMBERS_KEY.format(epoch=epoch), json.dumps(members))
+        self.members, self.epoch = members, epoch
+        return epoch
+
+    def run(self) -> int:
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo" if sys.platform.startswith("linux") else "lo0")
+        self.guard.start()
+        try:
+            self.store.add(EPOCH_KEY, 0)
+            self.members = [self.spawn(0, join=False) for _ in range(self.nproc)]
+            self.store.set(MEMBERS_KEY.format(epoch=0), json.dumps(self.members))
+            return self.watch()
+        finally:
+            for proc in self.procs.values():
+                stop(proc)
+            self.guard.stop()
+
+    def watch(self) -> int:
+        while True:
+            time.sleep(POLL_S)
+            self.follow_growth()
+            if self.replace_after is not None and self.store.check([FORMED_KEY.format(epoch=self.replace_after)]):
+                self.replace_after = None
+                self.replacements += 1
+                wid = self.spawn(self.epoch, join=True)
+                print(f"plait: elastic: started replacement worker {wid}", file=sys.stderr, flush=True)
+            for wid, proc in list(self.procs.items()):
+                code = proc.poll()
+                if code is None:
+                    continue
+                del self.procs[wid]
+                self.exit_codes[wid] = code
+                if code == USAGE_ERROR:
+                    return USAGE_ERROR  # the worker has already printed the one-line reason
+                if code != 0 and wid in self.members:
+                    self.follow_growth()
+                    if not self.shrink(wid, code):
+                        return 1
+            if all(self.exit_codes.get(m) == 0 for m in self.members):
+                return 0  # finished (a replacement still waiting to join is stopped)
+
+    def follow_growth(self) -> None:
+        """Rank 0 publishes the epochs that let replacements in: keep the member list current."""
+        newest = self.store.add(EPOCH_KEY, 0)
+        key = MEMBERS_KEY.format(epoch=newest)
+        if newest > self.epoch and self.store.check([key]):
+            self.members, self.epoch = json.loads(self.store.get(key)), newest
+
+    def shrink(self, wid: int, code: int) -> bool:
+        rank, world = self.members.index(wid), len(self.members)
+        fault = self.fault_record(rank, code)
+        survivors = [m for m in self.members if m != wid and m in self.procs and self.procs[m].poll() is None]
+        reason = batch_fallback(self.cfg.train.global_batch, self.micro_batch, len(survivors))
+        if reason is None:
+            fault["world_size"] = world
+            epoch = self.publish(survivors, fault)
+            print(f"plait: elastic: worker {wid} (rank {rank}) exited with code {code}; "
+                  f"{len(survivors)} workers go on (epoch {epoch})", file=sys.stderr, flush=True)
+            if self.replacements < self.cfg.resilience.max_restarts:
+                self.replace_after = epoch
+            return True
+        # Restart mode: every worker anew, resuming from the newest disk checkpoint.
+        if self.fallbacks >= self.cfg.resilience.max_restarts:
+            return False
+        self.fallbacks += 1
+        say_fallback(self.run_dir, reason)
+        for m in survivors:
+            stop(self.procs.pop(m))
+        epoch = self.store.add(EPOCH_KEY, 0) + 1
+        # Where restarted workers look for the fault that made them (Resilience.resumed).
+        self.store.set(MONITOR_FAULT_KEY.format(generation=epoch - 1), json.dumps({**fault, "world_size": world}))
+        fresh = [self.spawn(epoch, join=False) for _ in range(self.nproc)]
+        self.publish(fresh, {**fault, "world_size": world})
+        return True
+
+    def fault_record(self, rank: int, code: int) -> dict:
+        """The monitor's verdict for this epoch if it has one (it tells a hang from a crash), else ours."""
+        key = MONITOR_FAULT_KEY.format(generation=self.epoch)
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline:
+            if self.store.check([key]):
+                return json.loads(self.store.get(key))
+            time.sleep(POLL_S)
+        now = time.time()
+        fired = [f for f in fired_faults(self.run_dir) if f.get("rank") == rank]
+        latency = round(now - fired[-1]["time"], 3) if fired else None
+        return {"kind": "crash", "rank": rank, "time": now, "detection_latency_s": latency,
+                "detail": f"exit code {code}"}
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def launch_elastic(nproc: int, plait_args: list[str], cfg: Any, run_dir: Path, run_id: str) -> int:
+    """Run the job in elastic mode; layouts that cannot shrink in place run in restart mode."""
+    reason = layout_fallback(cfg, nproc)
+    if reason is not None:
+        from plait.launch import launch_local
+
+        say_fallback(Path(run_dir), reason)
+        restart_cfg = copy.deepcopy(cfg)
+        restart_cfg.resilience.mode = "restart"
+        return launch_local(nproc, [*plait_args, "--set", "resilience.mode=restart"], cfg=restart_cfg,
+                            run_dir=run_dir)
+    return ElasticLauncher(nproc, plait_args, cfg, Path(run_dir), run_id).run()
