@@ -177,6 +177,9 @@ class ResilienceConfig:
     slow_k: float = 8.0  # a rank is slow when its lateness exceeds the median by slow_k MADs ...
     slow_window: int = 8  # ... over this many steps (and by at least slow_min_fraction of a step)
     slow_min_fraction: float = 0.1
+    # elastic: how long rank 0 holds the shrunken group at a step boundary for a replacement
+    # that the launcher has started but that has not registered yet; 0: do not wait
+    grow_wait_s: float = 0.0
 
 
 @dataclass
@@ -422,6 +425,8 @@ def _validate_resilience(cfg: Config) -> None:
     for name in ("max_restarts", "snapshot_every", "slow_window"):
         if getattr(r, name) < 0:
             raise ConfigError(f"resilience.{name}={getattr(r, name)} must not be negative")
+    if r.grow_wait_s < 0:
+        raise ConfigError(f"resilience.grow_wait_s={r.grow_wait_s} must not be negative")
     for name in ("heartbeat_s", "slow_k"):
         if getattr(r, name) <= 0:
             raise ConfigError(f"resilience.{name}={getattr(r, name)} must be positive")

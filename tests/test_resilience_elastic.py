@@ -23,7 +23,8 @@ pytestmark = pytest.mark.timeout(300)
 
 STEPS, CRASH_STEP, SNAPSHOT_EVERY = 20, 5, 3
 COMMON = [f"train.steps={STEPS}", "train.global_batch=24", "train.micro_batch=2", "parallel.timeout_s=5",
-          "resilience.heartbeat_s=0.1", f"resilience.snapshot_every={SNAPSHOT_EVERY}"]
+          "resilience.heartbeat_s=0.1", f"resilience.snapshot_every={SNAPSHOT_EVERY}",
+          "resilience.grow_wait_s=120"]  # hold the group for the replacement: it joins before step 20
 
 
 def train(run_dir, *overrides: str) -> subprocess.CompletedProcess:

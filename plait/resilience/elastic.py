@@ -53,6 +53,7 @@ FAULT_KEY = "plait/elastic/fault/{epoch}"  # JSON: the fault that ended the prev
 FORMED_KEY = "plait/elastic/formed/{epoch}"  # set by rank 0 once the epoch trains
 REGISTERED_KEY = "plait/elastic/registered"  # counter of replacements ready to join
 REGISTERED_ID_KEY = "plait/elastic/registered/{n}"  # the id of the n-th (1-based)
+SPAWNED_KEY = "plait/elastic/spawned"  # counter of replacements the launcher has started
 
 
 class Regroup(Exception):
@@ -97,6 +98,8 @@ class ElasticSession:
         self.store = connect_store(os.environ[STORE_ENV], timeout_s=max(60.0, cfg.parallel.timeout_s))
         self.wid = int(os.environ[ID_ENV])
         self.snapshot_every = cfg.resilience.snapshot_every
+        self.grow_wait_s = cfg.resilience.grow_wait_s
+        self.waited_for = 0  # rank 0: replacements (counted as started) already waited for
         self.timeout_s = cfg.parallel.timeout_s
         # train.micro_batch stays what it is on the initial world: accumulation absorbs a smaller dp.
         initial = copy.deepcopy(cfg)
@@ -152,7 +155,7 @@ class ElasticSession:
             return
         decision = None
         if trainer.rt.is_main:
-            count = self.store.add(REGISTERED_KEY, 0)
+            count = self._registered_after_waiting()
             if count > self.seen_joiners:
                 joiners = [int(self.store.get(REGISTERED_ID_KEY.format(n=n)))
                            for n in range(self.seen_joiners + 1, count + 1)]
@@ -165,6 +168,20 @@ class ElasticSession:
         if decision is not None:
             self.keep_replica(trainer)  # the state the newcomers receive: nothing is redone
             raise Regroup(*decision)
+
+    def _registered_after_waiting(self) -> int:
+        """Rank 0: the replacements registered so far, after holding the group up to
+        `resilience.grow_wait_s` for one the launcher started that is still starting up."""
+        count = self.store.add(REGISTERED_KEY, 0)
+        spawned = self.store.add(SPAWNED_KEY, 0) if self.grow_wait_s > 0 else 0
+        if count >= spawned or self.waited_for >= spawned:  # nothing to wait for, or waited once
+            return count
+        self.waited_for = spawned
+        deadline = time.monotonic() + self.grow_wait_s
+        while count < spawned and time.monotonic() < deadline:
+            time.sleep(0.05)
+            count = self.store.add(REGISTERED_KEY, 0)
+        return count
 
     def keep_replica(self, trainer: Any) -> None:
         self.replica = (trainer.state.step, trainer.state_files())

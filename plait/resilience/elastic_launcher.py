@@ -33,6 +33,7 @@ from plait.resilience.elastic import (
     JOIN_ENV,
     MEMBERS_KEY,
     NPROC_ENV,
+    SPAWNED_KEY,
 )
 from plait.resilience.inject import fired_faults
 from plait.resilience.monitor import FAULT_KEY as MONITOR_FAULT_KEY
@@ -129,6 +130,7 @@ class ElasticLauncher:
                 self.replace_after = None
                 self.replacements += 1
                 wid = self.spawn(self.epoch, join=True)
+                self.store.add(SPAWNED_KEY, 1)  # lets resilience.grow_wait_s hold the group for it
                 print(f"plait: elastic: started replacement worker {wid}", file=sys.stderr, flush=True)
             for wid, proc in list(self.procs.items()):
                 code = proc.poll()

@@ -54,6 +54,10 @@ class Watchdog:
         self._worst: tuple[float, str, str] = (0.0, "", "")
         self.steps: deque = deque(maxlen=max(2 * window, 4))  # (step, wait_s, step_time_s, group, op)
         self._stop = threading.Event()
+        # publish() runs in the thread and in stop(): the lock orders them, and once the final
+        # state ("done" / "failed") is out, a late "running" beat cannot overwrite it.
+        self._publish_lock = threading.Lock()
+        self._final = False
         comm.observers.append(self._on_collective)
         self._thread = threading.Thread(target=self._run, name="plait-watchdog", daemon=True)
         self._thread.start()
@@ -93,7 +97,11 @@ class Watchdog:
                 "inflight": inflight, "steps": steps, "last": list(self.last)}
 
     def publish(self, state: str = "running") -> None:
-        self.store.set(KEY.format(rank=self.rank), json.dumps(self.heartbeat(state)))
+        with self._publish_lock:
+            if self._final:
+                return
+            self._final = state != "running"
+            self.store.set(KEY.format(rank=self.rank), json.dumps(self.heartbeat(state)))
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):

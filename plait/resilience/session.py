@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-
 from plait.config import Config
 from plait.mesh import Mesh
 from plait.parallel.comm import Comm
