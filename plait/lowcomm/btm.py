@@ -176,12 +176,14 @@ def evaluate(btm_dir: Path, windows: int = 32, posterior_windows: int = 4,
             raise PlaitError(f"btm eval: the validation split of '{domain}' is too short")
         prior_part, test_part = starts[:posterior_windows], starts[posterior_windows:]
         row = {}
-        for name, trained in models.items():
-            row[name] = math.exp(-float(_token_log_probs(trained.model, val, test_part, seq_len).mean()))
+        log_probs = {name: _token_log_probs(trained.model, val, test_part, seq_len)
+                     for name, trained in models.items()}
+        for name, lp in log_probs.items():
+            row[name] = math.exp(-float(lp.mean()))
         # Domain posterior from the first windows, then the mixture of the experts' predictions.
         likelihoods = torch.stack([_token_log_probs(e.model, val, prior_part, seq_len).sum() for e in experts])
         posterior = torch.softmax(likelihoods.double(), 0)
-        expert_lp = torch.stack([_token_log_probs(e.model, val, test_part, seq_len).double() for e in experts])
+        expert_lp = torch.stack([log_probs[d.name].double() for d in expert_dirs(btm_dir)])
         mixture = torch.logsumexp(expert_lp + posterior.log().view(-1, 1, 1), dim=0)
         row["ensemble"] = math.exp(-float(mixture.mean()))
         row["posterior"] = [round(float(p), 6) for p in posterior]

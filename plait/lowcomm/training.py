@@ -54,23 +54,24 @@ class LocalSync:
     """The outer optimizer of a local-SGD run, called after every inner step."""
 
     def __init__(self, cfg: Config, model: torch.nn.Module, engine: ZeroEngine, comm: Comm, workers: Group):
-        s, mode = cfg.sync, cfg.train.sync
-        params = list(model.parameters())
-        self.engine = engine
+        self.cfg, self.model, self.engine, self.comm, self.workers = cfg, model, engine, comm, workers
+        self.outer = self._make_outer()
+
+    def _make_outer(self) -> DiLoCo | NoLoCo | CO2:
+        """The outer optimizer, its slow weights taken from the model's current weights."""
+        s, mode, params = self.cfg.sync, self.cfg.train.sync, list(self.model.parameters())
         if mode == "diloco":
-            self.outer = DiLoCo(params, comm, workers, s.inner_steps, s.outer_lr, s.outer_momentum, s.nesterov,
-                                fragments=s.fragments, bf16_pseudo_grads=s.bf16)
-        elif mode == "noloco":
-            self.outer = NoLoCo(params, comm, workers, s.inner_steps, s.outer_lr, s.outer_momentum,
-                                group_size=s.group_size, seed=cfg.train.seed)
-        else:
-            self.outer = CO2(params, comm, workers, s.inner_steps, s.outer_lr, s.outer_momentum,
-                             gap_penalty=s.gap_penalty, clip=s.clip or None)
-        self._rebuild = lambda: type(self)(cfg, model, engine, comm, workers).outer
+            return DiLoCo(params, self.comm, self.workers, s.inner_steps, s.outer_lr, s.outer_momentum, s.nesterov,
+                          fragments=s.fragments, bf16_pseudo_grads=s.bf16)
+        if mode == "noloco":
+            return NoLoCo(params, self.comm, self.workers, s.inner_steps, s.outer_lr, s.outer_momentum,
+                          group_size=s.group_size, seed=self.cfg.train.seed)
+        return CO2(params, self.comm, self.workers, s.inner_steps, s.outer_lr, s.outer_momentum,
+                   gap_penalty=s.gap_penalty, clip=s.clip or None)
 
     def restart_from_weights(self) -> None:
         """Fresh outer state from the current weights (resuming a checkpoint without any)."""
-        self.outer = self._rebuild()
+        self.outer = self._make_outer()
 
     def after_step(self, step: int) -> bool:
         """The outer step when one is due (then the engine's masters follow the new weights).

@@ -19,8 +19,8 @@ import torch
 
 from plait import config as config_mod
 from plait.config import Config, accumulation_steps
-from plait.lowcomm import training as lowcomm
 from plait.data import GlobalSampler, PreparedData, ensure_prepared, eval_starts, get_batch, load_data
+from plait.lowcomm import training as lowcomm
 from plait.mesh import Mesh, ParallelDims
 from plait.model import build_model, count_parameters
 from plait.parallel.comm import BOOKKEEPING, CHECKPOINT, Comm
@@ -30,8 +30,8 @@ from plait.resilience.session import Resilience
 from plait.train import checkpoint as ckpt
 from plait.train.flops import flops_per_token, peak_flops
 from plait.train.metrics import Progress, RunLog
-from plait.train.moe_aux import build_moe_aux
 from plait.train.lr_schedule import lr_at
+from plait.train.moe_aux import build_moe_aux
 from plait.train.resume import TrainState, check_compatible, checkpoint_files, choose_checkpoint, restore
 from plait.train.runtime import Runtime, init_runtime, peak_memory_bytes
 from plait.train.sample import generate
