@@ -237,7 +237,8 @@ class CO2:
 
     So round k+1 starts from φ that includes rounds up to k-1; the first sync applies
     nothing and round 2 restarts from the initial weights. `flush()` completes and applies
-    the last round (before evaluation, checkpointing or the end of training).
+    the last round on demand; the trainer does not call it, so that a run's trajectory does
+    not depend on where it stops: checkpoints keep the average in flight (`state_dict`).
     """
 
     def __init__(self, params: Iterable[torch.Tensor], comm: Comm, group: Group, inner_steps: int,
