@@ -17,19 +17,29 @@ from torch import nn
 from plait.config import ModelConfig
 
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / rms(x) * weight over the last dimension."""
+    # Normalise in fp32 even for bf16 inputs: the mean of squares loses too much in bf16.
+    x32 = x.float()
+    return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).type_as(x) * weight
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """SwiGLU's activation: silu(gate) * up."""
+    return F.silu(gate) * up
+
+
 class RMSNorm(nn.Module):
+    # The function that does the work; plait.kernels swaps in a fused one per instance.
+    norm = staticmethod(rms_norm)
+
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.normalize(x) * self.weight
-
-    def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32 even for bf16 inputs: the mean of squares loses too much in bf16.
-        x32 = x.float()
-        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x)
+        return self.norm(x, self.weight, self.eps)
 
 
 def rotary_tables(head_dim: int, positions: torch.Tensor, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,6 +58,8 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class Attention(nn.Module):
+    rotary = staticmethod(apply_rotary)  # plait.kernels swaps in a fused one per instance
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads = cfg.n_heads
@@ -67,7 +79,7 @@ class Attention(nn.Module):
         q = q.view(batch, seq, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.wk(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.wv(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k = self.rotary(q, cos, sin), self.rotary(k, cos, sin)
         out = self.core(q, k, v)
         return self.wo(out.transpose(1, 2).reshape(batch, seq, -1))
 
@@ -83,6 +95,8 @@ class Attention(nn.Module):
 
 
 class SwiGLU(nn.Module):
+    activation = staticmethod(swiglu)  # plait.kernels swaps in a fused one per instance
+
     def __init__(self, dim: int, ffn_dim: int):
         super().__init__()
         self.w_gate = nn.Linear(dim, ffn_dim, bias=False)
@@ -90,7 +104,7 @@ class SwiGLU(nn.Module):
         self.w_down = nn.Linear(ffn_dim, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
+        return self.w_down(self.activation(self.w_gate(x), self.w_up(x)))
 
 
 class Block(nn.Module):

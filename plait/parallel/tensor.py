@@ -172,7 +172,7 @@ class ParallelRegionNorm(RMSNorm):
             # covers only those tokens; summing it over tp inside backward makes the
             # gradient whole on every rank, like any replicated parameter's.
             weight = copy_to_tp(weight, self.group, self.comm)
-        return enter_tp_region(self.normalize(x) * weight, self.group, self.comm, self.sequence_parallel)
+        return enter_tp_region(self.norm(x, weight, self.eps), self.group, self.comm, self.sequence_parallel)
 
 
 def check_tensor_parallel(cfg: ModelConfig, tp: int, sequence_parallel: bool = False, local_seq_len: int | None = None) -> None:
