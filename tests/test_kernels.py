@@ -15,15 +15,14 @@ import torch
 
 pytest.importorskip("triton", reason="the fused kernels need triton: pip install -e '.[test]'")
 
-from plait.config import load_config  # noqa: E402
-from plait.kernels import install_fused_kernels, triton_usable  # noqa: E402
-from plait.kernels import rmsnorm, rotary, swiglu  # noqa: E402
-from plait.kernels.rmsnorm import fused_rms_norm  # noqa: E402
-from plait.kernels.rotary import fused_apply_rotary  # noqa: E402
-from plait.kernels.swiglu import fused_swiglu  # noqa: E402
-from plait.model import build_model  # noqa: E402
-from plait.model.llama import RMSNorm, apply_rotary, rms_norm, rotary_tables  # noqa: E402
-from plait.model.llama import swiglu as reference_swiglu  # noqa: E402
+from plait.config import load_config
+from plait.kernels import install_fused_kernels, rmsnorm, rotary, swiglu, triton_usable
+from plait.kernels.rmsnorm import fused_rms_norm
+from plait.kernels.rotary import fused_apply_rotary
+from plait.kernels.swiglu import fused_swiglu
+from plait.model import build_model
+from plait.model.llama import RMSNorm, apply_rotary, rms_norm, rotary_tables
+from plait.model.llama import swiglu as reference_swiglu
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
@@ -170,3 +169,17 @@ def test_compile_keeps_the_custom_ops_in_one_graph():
     for got, want in zip(grads, torch.autograd.grad(ref, inputs)):
         assert_matches(got, want, torch.float32, "compiled gradient")
     assert_matches(out, ref, torch.float32, "compiled output")
+
+
+def test_unsupported_inputs_take_the_reference_path():
+    # float64 would lose precision in the fp32 kernels; tables that want a gradient would
+    # not get one from the op. Both run the reference itself: bit-identical, no custom op.
+    x = torch.randn(3, 2, 4, 8, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    weight = torch.ones(8, dtype=torch.float64, device=DEVICE)
+    assert torch.equal(fused_rms_norm(x, weight, 1e-5), rms_norm(x, weight, 1e-5))
+    assert "plait" not in type(fused_swiglu(x, x).grad_fn).__name__
+    cos, sin = rotary_tables(8, torch.arange(4, device=DEVICE), 10000.0)
+    cos.requires_grad_()
+    out = fused_apply_rotary(x.float(), cos, sin)
+    assert "plait" not in type(out.grad_fn).__name__
+    assert torch.equal(out, apply_rotary(x.float(), cos, sin))

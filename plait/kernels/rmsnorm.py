@@ -25,6 +25,8 @@ from plait.model.llama import rms_norm
 _KERNEL_DEVICES = kernel_device_types()
 # One row lives in registers; beyond this it would spill (model dims here are <= 8192).
 MAX_COLS = 16384
+# The kernels compute in fp32: float64 inputs keep the reference rather than lose precision.
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @triton.jit
@@ -140,6 +142,6 @@ def fused_rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     """`rms_norm` through the Triton kernels where they run, else the reference itself."""
     n_cols = x.shape[-1]
     if (x.device.type not in _KERNEL_DEVICES or weight.device != x.device or tuple(weight.shape) != (n_cols,)
-            or n_cols > MAX_COLS or not x.dtype.is_floating_point):
+            or n_cols > MAX_COLS or x.dtype not in _DTYPES or weight.dtype not in _DTYPES):
         return rms_norm(x, weight, eps)
     return rms_norm_op(x, weight, eps)[0]

@@ -31,7 +31,7 @@ _KERNEL_DEVICES = kernel_device_types()
 # heads x half-head-dim elements held by one program; beyond it (say 256 heads of 128)
 # the tile would spill registers and the reference runs instead.
 MAX_TILE = 16384
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # fp32 compute: float64 keeps the reference
 
 
 @triton.jit

@@ -23,6 +23,8 @@ from plait.model.llama import swiglu
 _KERNEL_DEVICES = kernel_device_types()
 BLOCK = 1024
 NUM_WARPS = 4  # 8 elements per thread: wide enough loads, plenty of programs on large tensors
+# The kernels compute in fp32: float64 inputs keep the reference rather than lose precision.
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @triton.jit
@@ -101,6 +103,6 @@ swiglu_op.register_autograd(_backward, setup_context=_setup_context)
 def fused_swiglu(gate: Tensor, up: Tensor) -> Tensor:
     """`swiglu` through the Triton kernels where they run, else the reference itself."""
     if (gate.device.type not in _KERNEL_DEVICES or up.device != gate.device or gate.shape != up.shape
-            or not (gate.dtype.is_floating_point and up.dtype.is_floating_point)):
+            or gate.dtype not in _DTYPES or up.dtype not in _DTYPES):
         return swiglu(gate, up)
     return swiglu_op(gate, up)
