@@ -79,6 +79,16 @@ class TrainConfig:
     eval_every: int = 100  # 0: evaluate only at the end
     eval_batches: int = 8  # global batches of the validation split per evaluation
     compile: bool = False
+    # What train.compile compiles: the whole model (fastest steps: fusion across blocks), each
+    # block on its own (compiles once for all the identical blocks), or auto (see compute.py).
+    compile_scope: Literal["auto", "model", "blocks"] = "auto"
+    # RMSNorm, SwiGLU and rotary as fused Triton kernels (plait.kernels) or the plain PyTorch
+    # reference; auto: fused on CUDA in eager mode, reference elsewhere (see compute.py).
+    kernels: Literal["auto", "reference", "fused"] = "auto"
+    # The LM head and loss in chunks of tokens, never holding a whole batch's fp32 logits
+    # (plait.kernels.chunked_ce); auto: on for CUDA where the model allows it (tp, pp = 1, ZeRO < 3).
+    chunked_ce: Literal["auto", "on", "off"] = "auto"
+    ce_chunk_tokens: int = 4096
     recompute: Literal["none", "selective", "full"] = "none"  # activation recomputation in backward
     device: Literal["auto", "cpu", "cuda"] = "auto"
     sample_tokens: int = 200  # length of the sample printed at the end; 0: none
@@ -390,6 +400,11 @@ def validate(cfg: Config, world_size: int) -> Config:
         raise ConfigError(f"parallel.zero={p.zero} must be 0, 1, 2 or 3")
     if p.zero == 3 and t.compile:
         raise ConfigError("train.compile=true with parallel.zero=3 is not yet supported")
+    if t.ce_chunk_tokens < 1:
+        raise ConfigError(f"train.ce_chunk_tokens={t.ce_chunk_tokens} must be at least 1")
+    if t.chunked_ce == "on" and (p.tp > 1 or p.pp > 1 or p.zero == 3):
+        raise ConfigError("train.chunked_ce=on needs parallel.tp=1, pp=1 and zero<3 "
+                          "(tensor parallelism has its own vocab-parallel loss)")
 
     others = p.tp * p.cp * p.pp
     if p.dp == 0:

@@ -148,13 +148,18 @@ class Transformer(nn.Module):
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [batch, seq, vocab] for tokens [batch, seq]; positions default to 0..seq-1."""
+        return self.lm_head(self.hidden(tokens, positions))
+
+    def hidden(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """The final normalised hidden states [batch, seq, dim]: everything but the LM head,
+        for a loss that applies the head itself (plait.kernels.chunked_ce)."""
         if positions is None:
             positions = torch.arange(tokens.shape[1], device=tokens.device)
         cos, sin = rotary_tables(self.cfg.dim // self.cfg.n_heads, positions, self.cfg.rope_theta)
         x = self.embed(tokens)
         for block in self.blocks:
             x = block(x, cos, sin)
-        return self.lm_head(self.norm(x))
+        return self.norm(x)
 
 
 def count_parameters(model: nn.Module) -> int:

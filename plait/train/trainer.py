@@ -28,6 +28,7 @@ from plait.parallel.parallelize import parallelize
 from plait.parallel.recompute import count_saved_activation_bytes
 from plait.resilience.session import Resilience
 from plait.train import checkpoint as ckpt
+from plait.train.compute import MicroBatchLoss, plan_compute
 from plait.train.flops import flops_per_token, peak_flops
 from plait.train.metrics import Progress, RunLog
 from plait.train.lr_schedule import lr_at
@@ -62,7 +63,9 @@ class Trainer:
         self.model = self.parallel.model  # under pipeline parallelism: this rank's stage only
         self.engine = self.parallel.engine
         self.lowcomm = lowcomm.build(cfg, self.model, self.engine, self.comm, self.mesh)
-        self.forward = torch.compile(self.model) if cfg.train.compile else self.model
+        # Kernels, compile scope and loss path (compute.py); the plan is reported at start.
+        self.compute = plan_compute(cfg, runtime.device)
+        self.loss_sum = MicroBatchLoss(self.model, self.compute, self.parallel.loss_sum)
         self.sampler = GlobalSampler(len(self.data.train), cfg.model.seq_len, cfg.train.global_batch, cfg.train.seed)
         self.val_starts = eval_starts(len(self.data.val), cfg.model.seq_len, cfg.train.eval_batches * cfg.train.global_batch)
         self.flops_per_token = flops_per_token(cfg.model, self.n_params)
@@ -130,12 +133,13 @@ class Trainer:
         self.log.event(
             "start", name=self.cfg.name, world_size=self.rt.world_size, layout=self.mesh.describe(),
             parameters=self.n_params, device=str(self.rt.device), data=self.data.description,
-            step=self.state.step, steps=self.cfg.train.steps,
+            step=self.state.step, steps=self.cfg.train.steps, compute=self.compute.describe(),
         )
         self._say(
             f"plait: {self.cfg.name}, {self.n_params / 1e6:.2f}M parameters, {self.mesh.describe()} "
             f"on {self.rt.device.type}, accumulation {self.accum}; {self.data.description}"
         )
+        self._say(f"compute: {self.compute.describe()}")
 
     def _trace_collective(self, record) -> None:
         if record.op in ("send", "recv"):  # the pipeline runner traces its own messages
@@ -190,8 +194,7 @@ class Trainer:
             with self.engine.micro_batch(final=index == len(micro_batches) - 1):
                 with count_saved_activation_bytes(self.model.parameters()) if index == 0 else nullcontext() as saved:
                     with self.trace.span("forward", microbatch=index):
-                        logits = self.forward(inputs, positions)
-                        loss = self.parallel.loss_sum(logits, targets) / self.loss_tokens
+                        loss = self.loss_sum(inputs, targets, positions) / self.loss_tokens
                 if index == 0:
                     activation_bytes = saved.bytes
                 with self.trace.span("backward", microbatch=index):
@@ -212,7 +215,11 @@ class Trainer:
         totals = torch.zeros(2, dtype=torch.float64, device=self.rt.device)
         for chunk in np.array_split(mine, -(-len(mine) // self.cfg.train.micro_batch)):
             inputs, targets, positions = self._batch(self.data.val, chunk)
-            logits = self.parallel.forward(inputs, positions) if self.parallel.runner else self.forward(inputs, positions)
+            if self.parallel.runner is None:
+                totals[0] += self.loss_sum(inputs, targets, positions).double()
+                totals[1] += targets.numel()
+                continue
+            logits = self.parallel.forward(inputs, positions)
             if logits is not None:  # None on pipeline stages before the last
                 totals[0] += self.parallel.loss_sum(logits, targets).double()
                 totals[1] += targets.numel()
