@@ -10,10 +10,17 @@ once from fp32 where the reference rounds several intermediates to bf16 (each a 
 2**-8), and the interpreter truncates fp32 -> bf16 where the GPU rounds to nearest.
 """
 
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
-pytest.importorskip("triton", reason="the fused kernels need triton: pip install -e '.[test]'")
+triton = pytest.importorskip("triton", reason="the fused kernels need triton: pip install -e '.[test]'")
 
 from plait.config import load_config
 from plait.kernels import install_fused_kernels, rmsnorm, rotary, swiglu, triton_usable
@@ -183,3 +190,70 @@ def test_unsupported_inputs_take_the_reference_path():
     out = fused_apply_rotary(x.float(), cos, sin)
     assert "plait" not in type(out.grad_fn).__name__
     assert torch.equal(out, apply_rotary(x.float(), cos, sin))
+
+
+
+def sm90_resource_usage(workdir: Path) -> list[dict]:
+    """Compile every kernel for sm_90 (H200/H100) ahead of time, without a GPU: registers and stack.
+
+    bf16 at the benchmark's shapes (dim 2048 / 768, 16 heads of 128 / 12 of 64) and at the
+    largest sizes the fused functions accept (MAX_COLS, MAX_TILE), with the launch's warps.
+    Must run where TRITON_INTERPRET is off: triton decorates its own library functions
+    (tl.sum...) for the interpreter at import, and the compiler cannot use those.
+    """
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    bf16 = "*bf16"
+    rms = {"X": bf16, "W": bf16, "Y": bf16, "GY": bf16, "GX": bf16, "RSTD": "*fp32", "GW_PARTIAL": "*fp32", "eps": "fp32"}
+    swiglu_types = {name: bf16 for name in ("GATE", "UP", "OUT", "GRAD", "GRAD_GATE", "GRAD_UP")}
+    rotary_types = {"X": bf16, "OUT": bf16, "COS": "*fp32", "SIN": "*fp32"}
+    builds = []
+    for cols in (768, 2048, rmsnorm.MAX_COLS):
+        block = triton.next_power_of_2(cols)
+        for kernel in (rmsnorm._rms_norm_forward_kernel, rmsnorm._rms_norm_backward_kernel):
+            builds.append((kernel, rms, {"BLOCK": block}, rmsnorm.num_warps_for(block)))
+    for kernel in (swiglu._swiglu_forward_kernel, swiglu._swiglu_backward_kernel):
+        builds.append((kernel, swiglu_types, {"BLOCK": swiglu.BLOCK}, swiglu.NUM_WARPS))
+    for heads, head_dim in ((16, 128), (12, 64), (rotary.MAX_TILE // 64, 128)):
+        block_h, block_half = triton.next_power_of_2(heads), triton.next_power_of_2(head_dim // 2)
+        for inverse in (False, True):
+            builds.append((rotary._rotary_kernel, rotary_types,
+                           {"INVERSE": inverse, "BLOCK_H": block_h, "BLOCK_HALF": block_half},
+                           rotary.num_warps_for(block_h * block_half)))
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    results = []
+    for kernel, types, constexprs, num_warps in builds:
+        signature = {name: "constexpr" if name in constexprs else types.get(name, "i32") for name in kernel.arg_names}
+        compiled = triton.compile(ASTSource(kernel, signature, constexprs), target=GPUTarget("cuda", 90, 32),
+                                  options={"num_warps": num_warps})
+        usage = {}
+        if cuobjdump.exists():
+            cubin = workdir / "kernel.cubin"
+            cubin.write_bytes(compiled.asm["cubin"])
+            dump = subprocess.run([str(cuobjdump), "--dump-resource-usage", str(cubin)], capture_output=True,
+                                  text=True, check=True).stdout
+            usage = {key: int(value) for key, value in re.findall(r"\b(REG|STACK|LOCAL):(\d+)", dump)}
+        results.append({"kernel": kernel.fn.__name__, "constexprs": constexprs, "num_warps": num_warps, **usage})
+    return results
+
+
+@pytest.mark.skipif("nvidia" not in __import__("triton.backends", fromlist=["backends"]).backends,
+                    reason="this triton build has no NVIDIA backend")
+def test_kernels_compile_for_sm90_without_spilling(tmp_path):
+    # The interpreter runs kernels as numpy code, so it cannot catch what only the GPU
+    # compiler sees: an op its lowering rejects, a loop-carried type change, register
+    # spills. This compiles them for the H200's architecture, in a process without the
+    # interpreter (see sm90_resource_usage).
+    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": str(tmp_path / "cache")}  # compile afresh
+    done = subprocess.run([sys.executable, __file__, str(tmp_path)], env=env, capture_output=True, text=True,
+                          check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(results) == 14  # 3 widths x 2 RMSNorm kernels, 2 SwiGLU kernels, 3 tiles x 2 rotary directions
+    for result in results:
+        assert result.get("STACK", 0) == 0 and result.get("LOCAL", 0) == 0, result
+
+
+if __name__ == "__main__":  # run by the test above, in a fresh process without the interpreter
+    print(json.dumps(sm90_resource_usage(Path(sys.argv[1]))))
