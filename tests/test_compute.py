@@ -59,3 +59,33 @@ def test_compiled_scopes_train_like_eager(tmp_path):
     }
     for name, run in runs.items():
         assert max(abs(a - b) for a, b in zip(eager["losses"], run["losses"])) < 1e-4, name
+
+
+def test_fused_kernels_are_installed_where_the_plan_says(tmp_path):
+    """train.kernels=fused reaches every norm, MLP and attention the trainer runs (the kernels
+    themselves are checked against their references in test_kernels.py); reference leaves them."""
+    from scenarios import BASE
+
+    from plait.kernels.rmsnorm import fused_rms_norm
+    from plait.kernels.rotary import fused_apply_rotary
+    from plait.kernels.swiglu import fused_swiglu
+    from plait.model.llama import Attention, RMSNorm, SwiGLU
+    from plait.train.runtime import init_runtime
+    from plait.train.trainer import Trainer
+
+    expected = {RMSNorm: ("norm", fused_rms_norm), SwiGLU: ("activation", fused_swiglu),
+                Attention: ("rotary", fused_apply_rotary)}
+    for kernels, fused in (("fused", True), ("reference", False)):
+        cfg = load_config("tiny", BASE + [f"train.kernels={kernels}"])
+        trainer = Trainer(cfg, tmp_path / kernels, init_runtime(cfg))
+        try:
+            assert trainer.compute.kernels == kernels
+            seen = 0
+            for module in trainer.model.modules():
+                for kind, (attr, function) in expected.items():
+                    if isinstance(module, kind):
+                        assert (getattr(module, attr) is function) == fused, (kernels, type(module).__name__)
+                        seen += 1
+            assert seen == 4 * cfg.model.n_layers + 1  # two norms, an MLP, an attention per block; the final norm
+        finally:
+            trainer.close()
