@@ -7,6 +7,7 @@ Everywhere else plait keeps the pure-PyTorch reference path.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -85,3 +86,9 @@ def reduction_programs(device: torch.device, rows: int) -> int:
     else:
         target = 4
     return max(1, min(rows, target))
+
+
+def on_device(device: torch.device) -> contextlib.AbstractContextManager:
+    """Where a kernel launch must happen: Triton launches on the *current* CUDA device, not on
+    the device of the tensors it is given, so a rank whose current device differs would fail."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from plait.kernels.availability import kernel_device_types, num_warps_for, reduction_programs
+from plait.kernels.availability import kernel_device_types, num_warps_for, on_device, reduction_programs
 from plait.model.llama import rms_norm
 
 _KERNEL_DEVICES = kernel_device_types()
@@ -86,9 +86,10 @@ def rms_norm_op(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
         return out, rstd
     out_rows = out.view(-1, n_cols)
     block = triton.next_power_of_2(n_cols)
-    _rms_norm_forward_kernel[(x_rows.shape[0],)](
-        x_rows, weight.contiguous(), out_rows, rstd, x_rows.stride(0), out_rows.stride(0), n_cols, eps,
-        BLOCK=block, num_warps=num_warps_for(block))
+    with on_device(x.device):
+        _rms_norm_forward_kernel[(x_rows.shape[0],)](
+            x_rows, weight.contiguous(), out_rows, rstd, x_rows.stride(0), out_rows.stride(0), n_cols, eps,
+            BLOCK=block, num_warps=num_warps_for(block))
     return out, rstd
 
 
@@ -113,10 +114,11 @@ def rms_norm_backward_op(grad_out: Tensor, x: Tensor, weight: Tensor, rstd: Tens
     programs = triton.cdiv(n_rows, rows_per_program)  # no program without rows
     partial = torch.empty((programs, n_cols), dtype=torch.float32, device=x.device)
     block = triton.next_power_of_2(n_cols)
-    _rms_norm_backward_kernel[(programs,)](
-        gy_rows, x_rows, weight.contiguous(), rstd.contiguous(), gx_rows, partial,
-        gy_rows.stride(0), x_rows.stride(0), gx_rows.stride(0), n_rows, n_cols, rows_per_program,
-        BLOCK=block, num_warps=num_warps_for(block))
+    with on_device(x.device):
+        _rms_norm_backward_kernel[(programs,)](
+            gy_rows, x_rows, weight.contiguous(), rstd.contiguous(), gx_rows, partial,
+            gy_rows.stride(0), x_rows.stride(0), gx_rows.stride(0), n_rows, n_cols, rows_per_program,
+            BLOCK=block, num_warps=num_warps_for(block))
     return grad_x, partial.sum(0).to(weight.dtype)
 
 

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from plait.kernels.availability import kernel_device_types, num_warps_for
+from plait.kernels.availability import kernel_device_types, num_warps_for, on_device
 from plait.model.llama import apply_rotary
 
 _KERNEL_DEVICES = kernel_device_types()
@@ -74,12 +74,13 @@ def rotary_op(x: Tensor, cos: Tensor, sin: Tensor, inverse: bool) -> Tensor:
         return out
     cos, sin = cos.contiguous(), sin.contiguous()  # [seq, head_dim]: tiny, normally contiguous already
     block_h, block_half = triton.next_power_of_2(n_heads), triton.next_power_of_2(head_dim // 2)
-    _rotary_kernel[(batch * seq,)](
-        x, cos, sin, out, n_heads, seq, head_dim // 2,
-        x.stride(0), x.stride(1), x.stride(2), x.stride(3),
-        out.stride(0), out.stride(1), out.stride(2), cos.stride(0),
-        INVERSE=inverse, BLOCK_H=block_h, BLOCK_HALF=block_half,
-        num_warps=num_warps_for(block_h * block_half))
+    with on_device(x.device):
+        _rotary_kernel[(batch * seq,)](
+            x, cos, sin, out, n_heads, seq, head_dim // 2,
+            x.stride(0), x.stride(1), x.stride(2), x.stride(3),
+            out.stride(0), out.stride(1), out.stride(2), cos.stride(0),
+            INVERSE=inverse, BLOCK_H=block_h, BLOCK_HALF=block_half,
+            num_warps=num_warps_for(block_h * block_half))
     return out
 
 

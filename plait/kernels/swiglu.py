@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from plait.kernels.availability import kernel_device_types
+from plait.kernels.availability import kernel_device_types, on_device
 from plait.model.llama import swiglu
 
 _KERNEL_DEVICES = kernel_device_types()
@@ -62,7 +62,8 @@ def swiglu_op(gate: Tensor, up: Tensor) -> Tensor:
     out = torch.empty(gate.shape, dtype=torch.result_type(gate, up), device=gate.device)
     n = gate.numel()
     if n:
-        _swiglu_forward_kernel[(triton.cdiv(n, BLOCK),)](gate, up, out, n, BLOCK=BLOCK, num_warps=NUM_WARPS)
+        with on_device(gate.device):
+            _swiglu_forward_kernel[(triton.cdiv(n, BLOCK),)](gate, up, out, n, BLOCK=BLOCK, num_warps=NUM_WARPS)
     return out
 
 
@@ -78,8 +79,9 @@ def swiglu_backward_op(grad_out: Tensor, gate: Tensor, up: Tensor) -> tuple[Tens
     grad_gate, grad_up = torch.empty_like(gate), torch.empty_like(up)
     n = gate.numel()
     if n:
-        _swiglu_backward_kernel[(triton.cdiv(n, BLOCK),)](
-            grad_out, gate, up, grad_gate, grad_up, n, BLOCK=BLOCK, num_warps=NUM_WARPS)
+        with on_device(gate.device):
+            _swiglu_backward_kernel[(triton.cdiv(n, BLOCK),)](
+                grad_out, gate, up, grad_gate, grad_up, n, BLOCK=BLOCK, num_warps=NUM_WARPS)
     return grad_gate, grad_up
 
 
