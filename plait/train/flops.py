@@ -17,11 +17,13 @@ from plait.config import ModelConfig
 # Matched in order against torch.cuda.get_device_name(); the first substring that appears wins.
 PEAK_BF16_FLOPS: list[tuple[str, float]] = [
     ("H100 PCIe", 756e12),
+    ("H100 NVL", 835e12),
     ("H100", 989.5e12),  # SXM (e.g. "NVIDIA H100 80GB HBM3")
-    ("H200", 989.5e12),
+    ("H200", 989.5e12),  # SXM; also matches GH200, whose GPU has the same peak
     ("A100", 312e12),
     ("B200", 2250e12),
     ("MI250X", 383e12),
+    ("MI300X", 1307.4e12),
 ]
 
 
