@@ -3,7 +3,9 @@
 Forward and gradients on awkward shapes in fp32 and bf16, a model with the kernels installed
 against the plain one, and one torch.compile(fullgraph=True) through the custom ops. Without
 a GPU they run under Triton's interpreter on the CPU (tests/conftest.py sets TRITON_INTERPRET=1
-before anything imports the kernels); with one, on CUDA.
+before anything imports the kernels); with one, on CUDA. What the interpreter cannot check,
+that the kernels compile for the GPU and fit in registers, is checked by compiling them for
+sm_90 ahead of time (no GPU needed).
 
 Tolerances: fp32 1e-5 of the largest reference value. bf16 2e-2 of it: the kernels round
 once from fp32 where the reference rounds several intermediates to bf16 (each a relative
