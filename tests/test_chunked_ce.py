@@ -135,3 +135,21 @@ def test_bad_shapes_raise():
         chunked_cross_entropy(hidden, weight, targets[:5])
     with pytest.raises(ValueError):
         chunked_cross_entropy(hidden, weight, targets, chunk_size=0)
+
+
+def test_upstream_gradient_scales_the_gradients_made_in_forward():
+    """The gradients are made in forward for an upstream gradient of 1; backward scales them."""
+    hidden, weight, targets = _inputs(40)
+    (chunked_cross_entropy(hidden, weight, targets, chunk_size=16) / 40 * 3).backward()
+    _, ref_gh, ref_gw = _reference(hidden, weight, targets)
+    torch.testing.assert_close(hidden.grad, ref_gh * 3 / 40, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(weight.grad, ref_gw * 3 / 40, atol=1e-6, rtol=1e-5)
+
+
+def test_no_gradient_work_without_grad_mode():
+    hidden, weight, targets = _inputs(40)
+    shapes = []
+    with torch.no_grad(), torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.append(t.shape) or t, lambda t: t):
+        loss = chunked_cross_entropy(hidden, weight, targets, chunk_size=16)
+    assert not loss.requires_grad and shapes == []
+    torch.testing.assert_close(loss, _reference(hidden, weight, targets)[0])
