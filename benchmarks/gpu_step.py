@@ -355,36 +355,46 @@ def main() -> None:
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
     emit = lambda row: print(json.dumps(row), flush=True)
 
+    references: dict[tuple[str, str], dict] = {}
+
+    def run(shape: str, mode: str, side: str) -> None:
+        cfg, micro_batch = shapes[shape]
+        info = {**base, "shape": shape, "seq_len": cfg.seq_len, "mode": mode}
+        try:
+            row = measure(side, cfg, micro_batch, device, mode == "compile", amp, args.warmup, args.steps, args.chunk)
+        except torch.cuda.OutOfMemoryError as exc:
+            row = {"side": side, "error": f"out of memory: {str(exc).splitlines()[0]}"}
+        emit({**info, **row})
+        ref = references.setdefault((shape, mode), row) if side == "reference" else references.get((shape, mode), {})
+        if side != "reference" and "step_s" in ref and "step_s" in row:
+            mem = (row["peak_memory_gb"] / ref["peak_memory_gb"]) if ref["peak_memory_gb"] else None
+            # tokens/s, so that a variant with a larger micro-batch compares fairly
+            emit({**info, "side": side, "speedup": row["tokens_per_s"] / ref["tokens_per_s"],
+                  "memory_ratio": mem, "target": TARGETS.get((shape, mode))})
+
     for shape, (cfg, micro_batch) in shapes.items():
+        if args.no_checks:
+            continue
         info = {**base, "shape": shape, "seq_len": cfg.seq_len}
-        if not args.no_checks:
-            gen = torch.Generator(device).manual_seed(2)
-            data = torch.randint(0, cfg.vocab_size, (micro_batch, cfg.seq_len + 1), device=device, generator=gen)
-            emit({**info, "ce_check": check_chunked_ce(cfg, data[:, :-1], data[:, 1:], device, amp, args.chunk)})
-            if triton_usable(device):
-                emit({**info, "kernel_check": check_fused_kernels(cfg, micro_batch, device)})
-            else:
-                emit({**info, "kernel_check": None, "why": f"Triton cannot run on {device.type} here"})
+        gen = torch.Generator(device).manual_seed(2)
+        data = torch.randint(0, cfg.vocab_size, (micro_batch, cfg.seq_len + 1), device=device, generator=gen)
+        emit({**info, "ce_check": check_chunked_ce(cfg, data[:, :-1], data[:, 1:], device, amp, args.chunk)})
+        if triton_usable(device):
+            emit({**info, "kernel_check": check_fused_kernels(cfg, micro_batch, device)})
+        else:
+            emit({**info, "kernel_check": None, "why": f"Triton cannot run on {device.type} here"})
+    # The main comparison first, every shape and mode; then the variants while the budget lasts.
+    for shape in shapes:
         for mode in modes:
-            rows = {}
-            for side in args.sides + [v for v in args.variants if v not in args.sides]:
-                if side not in args.sides and time.perf_counter() - began > args.budget_s:
-                    emit({**info, "mode": mode, "side": side, "skipped": "time budget spent"})
+            for side in args.sides:
+                run(shape, mode, side)
+    for shape in shapes:
+        for mode in modes:
+            for side in [v for v in args.variants if v not in args.sides]:
+                if time.perf_counter() - began > args.budget_s:
+                    emit({**base, "shape": shape, "mode": mode, "side": side, "skipped": "time budget spent"})
                     continue
-                try:
-                    rows[side] = measure(side, cfg, micro_batch, device, mode == "compile", amp,
-                                         args.warmup, args.steps, args.chunk)
-                except torch.cuda.OutOfMemoryError as exc:
-                    rows[side] = {"side": side, "error": f"out of memory: {str(exc).splitlines()[0]}"}
-                emit({**info, "mode": mode, **rows[side]})
-            ref = rows.get("reference", {})
-            for side, ours in rows.items():
-                if side == "reference" or "step_s" not in ref or "step_s" not in ours:
-                    continue
-                mem = (ours["peak_memory_gb"] / ref["peak_memory_gb"]) if ref["peak_memory_gb"] else None
-                # tokens/s ratio, so that a variant with a larger micro-batch compares fairly
-                emit({**info, "mode": mode, "side": side, "speedup": ours["tokens_per_s"] / ref["tokens_per_s"],
-                      "memory_ratio": mem, "target": TARGETS.get((shape, mode))})
+                run(shape, mode, side)
     emit({**base, "elapsed_s": time.perf_counter() - began})
 
 

@@ -18,7 +18,6 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
-import tomli_w
 
 from plait.errors import ConfigError
 
@@ -555,4 +554,6 @@ def to_dict(cfg: Config) -> dict[str, Any]:
 
 
 def to_toml(cfg: Config) -> str:
+    import tomli_w  # here, not at the top: the GPU benchmark machines' image lacks it and never writes TOML
+
     return tomli_w.dumps(to_dict(cfg))
