@@ -25,6 +25,6 @@ timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests
 
 timeout 480 python3 benchmarks/gpu_step.py --budget-s "$BUDGET_S" \
   --variants plait-scope-model plait-scope-blocks plait-fused-kernels plait-reference-kernels \
-             plait-full-logits plait-2x-micro-batch \
+             plait-full-logits plait-2x-micro-batch plait-2x-micro-batch-selective \
   2> "$OUT/gpu_step.err" | tee "$OUT/gpu_step.jsonl"
 echo "gpu_step exit: $?" >> "$OUT/machine.txt"

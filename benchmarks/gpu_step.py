@@ -143,6 +143,7 @@ VARIANTS = {
     "plait-scope-model": Variant("plait-scope-model", ("train.compile_scope=model",)),
     "plait-scope-blocks": Variant("plait-scope-blocks", ("train.compile_scope=blocks",)),
     "plait-2x-micro-batch": Variant("plait-2x-micro-batch", (), 2),
+    "plait-2x-micro-batch-selective": Variant("plait-2x-micro-batch-selective", ("train.recompute=selective",), 2),
 }
 
 
