@@ -185,13 +185,12 @@ class ZeroEngine:
         """Global L2 norm of the gradient (before clipping); scales gradients if it exceeds max_norm."""
         squares = torch.zeros(2, dtype=torch.float32, device=self.device)  # [tp-sharded, counted once]
         for b in range(len(self.buckets)):
-            grad = self.reducer.grad_shard(b)
+            grad_squares = self.reducer.grad_shard(b).float().pow(2)
             if self.norm_kinds is not None:
-                grad_squares = grad.float().pow(2)
                 squares[0] += grad_squares[self.norm_kinds[b] == 2].sum()
                 squares[1] += grad_squares[self.norm_kinds[b] == 1].sum()
-            else:  # one fused reduction, no squared copy of the bucket
-                squares[1] += torch.linalg.vector_norm(grad, dtype=torch.float32).square()
+            else:
+                squares[1] += grad_squares.sum()
         if self.stage >= 1:  # disjoint slices: their squares add up to the whole
             self.comm.all_reduce(squares, self.group, tag="grad_norm")
         if self.tp_group is not None and self.tp_group.size > 1:
