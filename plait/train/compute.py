@@ -81,7 +81,10 @@ class MicroBatchLoss:
     """The summed fp32 loss of this rank's tokens, computed the way the plan says.
 
     Built after parallelisation (tensor parallelism swaps norms, context parallelism swaps
-    the attention core), so the kernels go into the modules that actually run.
+    the attention core), so the kernels go into the modules that actually run. Compiled, the
+    full-logits loss is compiled with the model (scope `model`) or with the LM head (scope
+    `blocks`), so that Inductor fuses the fp32 upcast and log-softmax of the logits; the
+    chunked loss stays eager: its chunks are large matrix multiplies already.
     """
 
     def __init__(self, model: nn.Module, plan: ComputePlan, full_logits_loss):
@@ -90,24 +93,34 @@ class MicroBatchLoss:
             from plait.kernels.install import install_fused_kernels
 
             install_fused_kernels(model)
-        hidden = getattr(model, "hidden", None)
-        if plan.chunked_ce and hidden is None:
+        self.hidden = getattr(model, "hidden", None)
+        if plan.chunked_ce and self.hidden is None:
             raise ConfigError("train.chunked_ce=on needs the whole model on this rank (parallel.pp=1)")
-        self.forward, self.hidden = model, hidden
+        self._loss = self._chunked if plan.chunked_ce else self._full
+        self._head_loss = self._plain_head_loss
         if plan.compile_scope == "blocks":
             for block in model.blocks:
                 block.compile()
+            if not plan.chunked_ce:
+                self._loss, self._head_loss = self._blockwise, torch.compile(self._plain_head_loss)
         elif plan.compile_scope == "model":
             if plan.chunked_ce:
-                self.hidden = torch.compile(hidden)
+                self.hidden = torch.compile(self.hidden)
             else:
-                self.forward = torch.compile(model)
-
-    def logits(self, inputs: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
-        return self.forward(inputs, positions)
+                self._loss = torch.compile(self._full)
 
     def __call__(self, inputs: torch.Tensor, targets: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
-        if not self.plan.chunked_ce:
-            return self.full_logits_loss(self.forward(inputs, positions), targets)
+        return self._loss(inputs, targets, positions)
+
+    def _full(self, inputs: torch.Tensor, targets: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
+        return self.full_logits_loss(self.model(inputs, positions), targets)
+
+    def _blockwise(self, inputs: torch.Tensor, targets: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
+        return self._head_loss(self.hidden(inputs, positions), targets)
+
+    def _plain_head_loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return self.full_logits_loss(self.model.lm_head(hidden), targets)
+
+    def _chunked(self, inputs: torch.Tensor, targets: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
         hidden = self.hidden(inputs, positions).flatten(0, 1)
         return chunked_cross_entropy(hidden, self.model.lm_head.weight, targets.flatten(), self.plan.ce_chunk_tokens)
