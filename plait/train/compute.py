@@ -8,11 +8,11 @@ Three config keys, each with an `auto` that is resolved here once and reported a
   mode. Under torch.compile auto keeps the reference functions, because Inductor fuses them
   itself and can fold them into their neighbours (the residual add before a norm), which an
   opaque custom op would prevent; `benchmarks/gpu_step.py --kernels` measures both.
-- `train.compile_scope`: `model` compiles the whole forward as one graph, `blocks` compiles
-  each transformer block on its own; identical blocks then share one compiled graph, so
-  compile time does not grow with depth, at the price of no fusion across block boundaries.
-  auto: `blocks` from AUTO_BLOCKS_FROM_LAYERS layers up, `model` below (measured with
-  `benchmarks/compile_scope.py`; see the README).
+- `train.compile_scope`: `model` compiles the whole forward (and the full-logits loss) as
+  one graph, `blocks` compiles each transformer block on its own; identical blocks then
+  share one compiled graph, so compile time does not grow with depth, at the price of no
+  fusion across block boundaries. auto: `blocks` from AUTO_BLOCKS_FROM_LAYERS layers up,
+  `model` below (measured with `benchmarks/compile_scope.py`; figures in the README).
 - `train.chunked_ce`: the LM head and cross-entropy through
   plait.kernels.chunked_cross_entropy, `train.ce_chunk_tokens` tokens at a time, so the fp32
   logits of a whole micro-batch never exist. auto: on for CUDA, where those logits are the
