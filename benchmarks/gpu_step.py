@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import statistics
 import time
@@ -190,11 +191,10 @@ def build_reference(cfg: ModelConfig, device: torch.device, compile_: bool, amp)
     model = RefLlama(cfg).to(device)
     forward = torch.compile(model) if compile_ else model
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=device.type == "cuda")
-    tokens_of = lambda y: y.numel()
 
     def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         with amp():
-            loss = F.cross_entropy(forward(x).flatten(0, 1).float(), y.flatten(), reduction="sum") / tokens_of(y)
+            loss = F.cross_entropy(forward(x).flatten(0, 1).float(), y.flatten(), reduction="sum") / y.numel()
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -240,7 +240,10 @@ def check_fused_kernels(cfg: ModelConfig, micro_batch: int, device: torch.device
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     gen = torch.Generator(device).manual_seed(3)
     rows, head_dim = micro_batch * cfg.seq_len, cfg.dim // cfg.n_heads
-    rand = lambda *shape: torch.randn(*shape, device=device, dtype=dtype, generator=gen)
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, device=device, dtype=dtype, generator=gen)
+
     cos, sin = rotary_tables(head_dim, torch.arange(cfg.seq_len, device=device), cfg.rope_theta)
     cases = {
         "rms_norm": (fused_rms_norm, rms_norm, [rand(rows, cfg.dim), 1 + 0.1 * rand(cfg.dim)], (cfg.norm_eps,)),
@@ -279,6 +282,10 @@ def median_time(fn, device: torch.device, repeats: int) -> float:
         sync(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def emit(row: dict) -> None:
+    print(json.dumps(row), flush=True)
 
 
 def sync(device: torch.device) -> None:
@@ -351,10 +358,9 @@ def main() -> None:
             raise SystemExit("no CUDA device: run with --smoke on CPU")
         device, shapes, modes = torch.device("cuda"), {k: SHAPES[k] for k in args.shapes}, args.modes or ["eager", "compile"]
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        amp = lambda: torch.autocast("cuda", dtype=torch.bfloat16)
+        amp = functools.partial(torch.autocast, "cuda", dtype=torch.bfloat16)
     base = {"benchmark": "gpu_step", "chunk": args.chunk, "torch": torch.__version__,
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
-    emit = lambda row: print(json.dumps(row), flush=True)
 
     references: dict[tuple[str, str], dict] = {}
 
