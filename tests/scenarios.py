@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -49,3 +52,17 @@ def run_many(rank: int, world_size: int, jobs: list[tuple[str, list[str], str]])
     """Run named (overrides, run_dir) jobs one after another in the same process group."""
     os.environ.setdefault("PLAIT_CACHE", str(Path(jobs[0][2]).parent / "cache"))
     return {name: run_training(overrides, run_dir) for name, overrides, run_dir in jobs}
+
+
+def train_cli(run_dir, overrides: list[str], nproc: int, timeout: float = 240) -> subprocess.CompletedProcess:
+    """`plait train --nproc N --run-dir DIR --set ...` in a subprocess (warnings silenced); never raises
+    on a non-zero exit, so tests can check the exit code and stderr."""
+    args = [sys.executable, "-m", "plait", "train", "--nproc", str(nproc), "--run-dir", str(run_dir)]
+    for item in overrides:
+        args += ["--set", item]
+    return subprocess.run(args, check=False, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+
+
+def read_jsonl(path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]

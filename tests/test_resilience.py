@@ -10,14 +10,11 @@ the workers after each hang or crash; they resume from the newest in-memory snap
 
 from __future__ import annotations
 
-import json
-import os
 import subprocess
-import sys
 
 import pytest
 
-from tests.scenarios import BASE
+from tests.scenarios import BASE, read_jsonl as read, train_cli
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -30,15 +27,7 @@ FAULTS = ("hang@rank=1,step=5; crash@rank=0,step=5,restart=1; crash@rank=3,step=
 
 
 def train(run_dir, *overrides: str) -> subprocess.CompletedProcess:
-    args = [sys.executable, "-m", "plait", "train", "--nproc", "4", "--run-dir", str(run_dir)]
-    for item in BASE + RESILIENCE + list(overrides):
-        args += ["--set", item]
-    return subprocess.run(args, capture_output=True, text=True, timeout=240,
-                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
-
-
-def read(path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
+    return train_cli(run_dir, BASE + RESILIENCE + list(overrides), nproc=4)
 
 
 @pytest.fixture(scope="module")
@@ -103,10 +92,7 @@ def test_usage_error_in_a_worker_is_not_restarted(tmp_path):
     from plait.train import checkpoint as ckpt
 
     ckpt.write_checkpoint(tmp_path / "run" / "checkpoints", 3, {"trainer.json": {"step": 3}})
-    args = [sys.executable, "-m", "plait", "train", "--nproc", "2", "--run-dir", str(tmp_path / "run"),
-            "--set", "checkpoint.resume=never", "--set", "train.steps=2"]
-    result = subprocess.run(args, capture_output=True, text=True, timeout=120,
-                            env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    result = train_cli(tmp_path / "run", ["checkpoint.resume=never", "train.steps=2"], nproc=2, timeout=120)
     assert result.returncode == 2, result.stderr[-2000:]
     lines = [line for line in result.stderr.splitlines() if line.startswith("plait:")]
     assert lines == [lines[0]] and "checkpoint.resume=never" in lines[0]  # said once, no fault reported

@@ -8,16 +8,13 @@ must equal the fault-free run's, under ZeRO-1 and ZeRO-2. The fault-free referen
 from __future__ import annotations
 
 import copy
-import json
-import os
 import subprocess
-import sys
 
 import pytest
 
 from plait.config import load_config
 from plait.resilience.elastic_launcher import batch_fallback, layout_fallback
-from tests.scenarios import BASE
+from tests.scenarios import BASE, read_jsonl as read, train_cli
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -28,15 +25,7 @@ COMMON = [f"train.steps={STEPS}", "train.global_batch=24", "train.micro_batch=2"
 
 
 def train(run_dir, *overrides: str) -> subprocess.CompletedProcess:
-    args = [sys.executable, "-m", "plait", "train", "--nproc", "4", "--run-dir", str(run_dir)]
-    for item in BASE + COMMON + list(overrides):
-        args += ["--set", item]
-    return subprocess.run(args, check=False, capture_output=True, text=True, timeout=240,
-                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
-
-
-def read(path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
+    return train_cli(run_dir, BASE + COMMON + list(overrides), nproc=4)
 
 
 @pytest.fixture(scope="module")
@@ -91,12 +80,10 @@ def test_layouts_that_cannot_shrink_fall_back_to_restart_mode():
 
 
 def test_tensor_parallel_job_falls_back_to_restart_mode_and_says_so(tmp_path):
-    args = [sys.executable, "-m", "plait", "train", "--nproc", "2", "--run-dir", str(tmp_path / "run")]
-    for item in BASE + ["train.steps=6", "train.global_batch=8", "train.micro_batch=2", "parallel.tp=2",
-                        "resilience.mode=elastic", "resilience.snapshot_every=2", "fault.inject=crash@rank=1,step=4"]:
-        args += ["--set", item]
-    result = subprocess.run(args, check=False, capture_output=True, text=True, timeout=120,
-                            env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    result = train_cli(tmp_path / "run", BASE + ["train.steps=6", "train.global_batch=8", "train.micro_batch=2",
+                                                 "parallel.tp=2", "resilience.mode=elastic",
+                                                 "resilience.snapshot_every=2", "fault.inject=crash@rank=1,step=4"],
+                       nproc=2, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "falling back to restart mode" in result.stderr
     events = read(tmp_path / "run" / "events.jsonl")

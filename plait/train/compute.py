@@ -33,7 +33,7 @@ from torch import nn
 
 from plait.config import Config
 from plait.errors import ConfigError
-from plait.kernels import chunked_cross_entropy
+from plait.kernels import chunked_cross_entropy, install_fused_kernels, triton_usable
 
 # From this depth up, `compile_scope = auto` compiles block by block (see the module docstring).
 AUTO_BLOCKS_FROM_LAYERS = 16
@@ -57,8 +57,8 @@ def plan_compute(cfg: Config, device: torch.device) -> ComputePlan:
     t, p = cfg.train, cfg.parallel
     kernels = t.kernels
     if kernels == "auto":
-        kernels = "fused" if device.type == "cuda" and not t.compile and _triton_usable(device) else "reference"
-    elif kernels == "fused" and not _triton_usable(device):
+        kernels = "fused" if device.type == "cuda" and not t.compile and triton_usable(device) else "reference"
+    elif kernels == "fused" and not triton_usable(device):
         raise ConfigError(f"train.kernels=fused needs Triton on a CUDA device (this rank runs on {device.type}); "
                           "use train.kernels=reference or auto")
     scope = None
@@ -69,12 +69,6 @@ def plan_compute(cfg: Config, device: torch.device) -> ComputePlan:
     whole_head = p.tp == 1 and p.pp == 1 and p.zero < 3
     chunked = t.chunked_ce == "on" or (t.chunked_ce == "auto" and device.type == "cuda" and whole_head)
     return ComputePlan(kernels, scope, chunked, t.ce_chunk_tokens)
-
-
-def _triton_usable(device: torch.device) -> bool:
-    from plait.kernels.availability import triton_usable  # imports triton, which CPU runs may lack
-
-    return triton_usable(device)
 
 
 class MicroBatchLoss:
@@ -90,8 +84,6 @@ class MicroBatchLoss:
     def __init__(self, model: nn.Module, plan: ComputePlan, full_logits_loss):
         self.model, self.plan, self.full_logits_loss = model, plan, full_logits_loss
         if plan.kernels == "fused":
-            from plait.kernels.install import install_fused_kernels
-
             install_fused_kernels(model)
         self.hidden = getattr(model, "hidden", None)
         if plan.chunked_ce and self.hidden is None:
