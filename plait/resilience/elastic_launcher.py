@@ -1,29 +1,30 @@
 """`resilience.mode = elastic`, the launcher's side: plait's own small local launcher.
 
 PyTorch's elastic agent stops every worker when one fails, which is the opposite of what
-elastic mode wants, so this launcher starts the workers itself (one subprocess each), hosts
-the store (a TCPStore on 127.0.0.1, port 0) and runs the monitor (monitor.py) as restart mode
-does. It watches the processes: when a member exits with an error (it crashed, or the monitor
+elastic mode wants, so this launcher starts the workers itself (one subprocess each, through
+processes.py as launch.py does), hosts the store (a TCPStore on 127.0.0.1 only) and runs the
+monitor (monitor.py) as restart mode does. It watches the processes: when a member exits with an error (it crashed, or the monitor
 killed it after a hang), it publishes the next epoch (elastic.py) with the survivors and the
 fault record, and the survivors re-form in place. Once the smaller group trains, it starts
 one replacement (up to `resilience.max_restarts` in all), which registers in the store and is
 let in by rank 0 at a step boundary (grow).
 
 Where the smaller world cannot keep the global batch (global_batch not divisible by
-micro_batch x dp), or the layout has tp/pp/cp > 1, it falls back to restart mode and says so.
+micro_batch x dp), or the layout has tp/pp/cp > 1, it falls back to restart mode and says so
+(launch.py decides before starting; later, on a fault, this launcher restarts every worker).
 """
 
 from __future__ import annotations
 
 import copy
 import json
-import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from plait import config as config_mod
 from plait.resilience.elastic import (
     EPOCH_ENV,
     EPOCH_KEY,
@@ -36,16 +37,16 @@ from plait.resilience.elastic import (
     SPAWNED_KEY,
 )
 from plait.resilience.inject import fired_faults
+from plait.resilience.launcher import ResilienceGuard
 from plait.resilience.monitor import FAULT_KEY as MONITOR_FAULT_KEY
+from plait.resilience.processes import JobFiles, base_env, spawn_worker, stop_processes
+from plait.resilience.usage_errors import noted_status
 
-USAGE_ERROR = 2
 POLL_S = 0.05
 
 
 def layout_fallback(cfg: Any, nproc: int) -> str | None:
     """Why this job cannot shrink in place (then it runs in restart mode), or None."""
-    from plait import config as config_mod
-
     p = cfg.parallel
     if max(p.tp, p.pp, p.cp) > 1:
         return f"tp={p.tp} x pp={p.pp} x cp={p.cp} > 1"
@@ -74,18 +75,15 @@ def say_fallback(run_dir: Path, reason: str) -> None:
 
 
 class ElasticLauncher:
-    def __init__(self, nproc: int, plait_args: list[str], cfg: Any, run_dir: Path, run_id: str):
-        from plait import config as config_mod
-        from plait.resilience.launcher import ResilienceGuard
-
-        self.nproc, self.args, self.cfg, self.run_dir = nproc, plait_args, cfg, run_dir
+    def __init__(self, nproc: int, plait_args: list[str], cfg: Any, run_dir: Path, job: JobFiles):
+        self.nproc, self.args, self.cfg, self.run_dir, self.job = nproc, plait_args, cfg, run_dir, job
         checked = copy.deepcopy(cfg)
         config_mod.validate(checked, nproc)
         self.micro_batch = checked.train.micro_batch
-        self.guard = ResilienceGuard(cfg, run_dir, nproc, run_id)
+        self.procs: dict[int, subprocess.Popen] = {}
+        self.guard = ResilienceGuard(cfg, run_dir, nproc, self.worker_pids)
         self.guard.monitor.elastic = True
         self.store = self.guard.store
-        self.procs: dict[int, subprocess.Popen] = {}
         self.exit_codes: dict[int, int] = {}
         self.members: list[int] = []
         self.epoch = 0
@@ -94,11 +92,17 @@ class ElasticLauncher:
         self.fallbacks = 0
         self.replace_after: int | None = None  # start a replacement once this epoch trains
 
+    def worker_pids(self) -> dict[int, int]:
+        """rank -> pid of the current epoch's members (read by the monitor's thread)."""
+        procs, members = dict(self.procs), list(self.members)
+        return {rank: procs[wid].pid for rank, wid in enumerate(members) if wid in procs}
+
     def spawn(self, epoch: int, join: bool) -> int:
         wid, self.next_id = self.next_id, self.next_id + 1
-        env = {**os.environ, ID_ENV: str(wid), EPOCH_ENV: str(epoch), JOIN_ENV: "1" if join else "0",
-               NPROC_ENV: str(self.nproc), "WORLD_SIZE": str(self.nproc)}
-        self.procs[wid] = subprocess.Popen([sys.executable, "-m", "plait", *self.args], env=env)
+        # Ranks are the epochs' business (elastic.py), met in the guard's store.
+        env = {**base_env(self.job), **self.guard.env(), ID_ENV: str(wid), EPOCH_ENV: str(epoch),
+               JOIN_ENV: "1" if join else "0", NPROC_ENV: str(self.nproc), "WORLD_SIZE": str(self.nproc)}
+        self.procs[wid] = spawn_worker(self.args, env)
         return wid
 
     def publish(self, members: list[int], fault: dict | None) -> int:
@@ -110,7 +114,6 @@ class ElasticLauncher:
         return epoch
 
     def run(self) -> int:
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo" if sys.platform.startswith("linux") else "lo0")
         self.guard.start()
         try:
             self.store.add(EPOCH_KEY, 0)
@@ -118,9 +121,8 @@ class ElasticLauncher:
             self.store.set(MEMBERS_KEY.format(epoch=0), json.dumps(self.members))
             return self.watch()
         finally:
-            for proc in self.procs.values():
-                stop(proc)
-            self.guard.stop()
+            self.guard.stop()  # first: the workers stopped below are not faults
+            stop_processes(list(self.procs.values()))
 
     def watch(self) -> int:
         while True:
@@ -138,8 +140,9 @@ class ElasticLauncher:
                     continue
                 del self.procs[wid]
                 self.exit_codes[wid] = code
-                if code == USAGE_ERROR:
-                    return USAGE_ERROR  # the worker has already printed the one-line reason
+                noted = noted_status()
+                if noted is not None:
+                    return noted  # a usage or environment error (or an interrupt): the worker said why
                 if code != 0 and wid in self.members:
                     self.follow_growth()
                     if not self.shrink(wid, code):
@@ -172,8 +175,7 @@ class ElasticLauncher:
             return False
         self.fallbacks += 1
         say_fallback(self.run_dir, reason)
-        for m in survivors:
-            stop(self.procs.pop(m))
+        stop_processes([self.procs.pop(m) for m in survivors])
         epoch = self.store.add(EPOCH_KEY, 0) + 1
         # Where restarted workers look for the fault that made them (Resilience.resumed).
         self.store.set(MONITOR_FAULT_KEY.format(generation=epoch - 1), json.dumps({**fault, "world_size": world}))
@@ -194,27 +196,3 @@ class ElasticLauncher:
         latency = round(now - fired[-1]["time"], 3) if fired else None
         return {"kind": "crash", "rank": rank, "time": now, "detection_latency_s": latency,
                 "detail": f"exit code {code}"}
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-def launch_elastic(nproc: int, plait_args: list[str], cfg: Any, run_dir: Path, run_id: str) -> int:
-    """Run the job in elastic mode; layouts that cannot shrink in place run in restart mode."""
-    reason = layout_fallback(cfg, nproc)
-    if reason is not None:
-        from plait.launch import launch_local
-
-        say_fallback(Path(run_dir), reason)
-        restart_cfg = copy.deepcopy(cfg)
-        restart_cfg.resilience.mode = "restart"
-        return launch_local(nproc, [*plait_args, "--set", "resilience.mode=restart"], cfg=restart_cfg,
-                            run_dir=run_dir)
-    return ElasticLauncher(nproc, plait_args, cfg, Path(run_dir), run_id).run()

@@ -1,51 +1,45 @@
-"""The launcher's side of resilience: a store for heartbeats, the monitor, restarts, cleanup.
+"""The launcher's side of resilience: a store for heartbeats and the monitor.
 
-The monitor lives in the launcher (the elastic agent's process) rather than on rank 0: the
-launcher outlives every worker generation, and it cannot be the process that crashed or hung.
-Its own TCPStore (a free port on 127.0.0.1, passed to the workers in PLAIT_MONITOR_STORE)
-keeps heartbeats and fault records apart from the rendezvous store, and across restarts.
+The monitor lives in the launcher rather than on rank 0: the launcher outlives every worker
+generation, and it cannot be the process that crashed or hung. Its own TCPStore (a free port
+on 127.0.0.1 only, passed to the workers in PLAIT_MONITOR_STORE) keeps heartbeats and fault
+records apart from the workers' rendezvous store, and across restarts. It carries JSON only,
+and the monitor signals only the processes its launcher started (`local_pids`), never a pid
+read from the store.
 """
 
 from __future__ import annotations
 
-import datetime
-import os
-import tempfile
+from collections.abc import Callable
 from pathlib import Path
-
-import torch.distributed as dist
+from typing import Any
 
 from plait.resilience.heartbeat import STORE_ENV
 from plait.resilience.monitor import Monitor
-from plait.resilience.snapshot import remove_snapshots, snapshot_root
-from plait.resilience.usage_errors import USAGE_ERROR_ENV
+from plait.resilience.processes import loopback_store
 
 
 class ResilienceGuard:
-    def __init__(self, cfg, run_dir: Path, nproc: int, run_id: str):
+    def __init__(self, cfg: Any, run_dir: Path, nproc: int, local_pids: Callable[[], dict[int, int]]):
         r = cfg.resilience
         self.enabled = r.mode != "none" and nproc > 1
         self.max_restarts = r.max_restarts if r.mode == "restart" else 0
-        self.run_dir, self.run_id = run_dir, run_id
-        self.store = self.monitor = None
-        self.usage_error_file = Path(tempfile.gettempdir()) / f"{run_id}-usage-error"
+        self.store: Any = None
+        self.monitor: Monitor | None = None
         if self.enabled:
-            self.store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
-                                       timeout=datetime.timedelta(seconds=30))
+            self.store = loopback_store(timeout_s=30)
             self.monitor = Monitor(self.store, nproc, run_dir, r.heartbeat_s, r.hang_s or cfg.parallel.timeout_s / 2,
-                                   r.slow_k, r.slow_window, r.slow_min_fraction, restart=self.max_restarts > 0)
+                                   r.slow_k, r.slow_window, r.slow_min_fraction, restart=self.max_restarts > 0,
+                                   slow_min_s=r.slow_min_s, local_pids=local_pids)
+
+    def env(self) -> dict[str, str]:
+        """What the workers need to reach the monitor's store."""
+        return {STORE_ENV: f"127.0.0.1:{self.store.port}"} if self.enabled else {}
 
     def start(self) -> None:
-        os.environ[USAGE_ERROR_ENV] = str(self.usage_error_file)
-        if self.enabled:
-            os.environ[STORE_ENV] = f"127.0.0.1:{self.store.port}"
+        if self.monitor is not None:
             self.monitor.start()
 
     def stop(self) -> None:
-        os.environ.pop(USAGE_ERROR_ENV, None)
-        self.usage_error_file.unlink(missing_ok=True)
-        if self.enabled:
+        if self.monitor is not None:
             self.monitor.stop()
-            os.environ.pop(STORE_ENV, None)
-        # The job is over (finished, or out of restarts): its in-memory snapshots are of no more use.
-        remove_snapshots(snapshot_root(self.run_dir, self.run_id))

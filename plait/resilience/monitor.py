@@ -9,8 +9,9 @@ Synchronous training is periodic and uniform across ranks, so the odd one out is
 - slow: per step, each rank's lateness is the most any rank waited in collectives minus what
   it waited itself (the last to arrive waits least). A rank is slow when its median lateness
   over the last `window` steps exceeds the median of all ranks' lateness by `k` median
-  absolute deviations, and by at least `min_fraction` of a step: robust to jitter and to the
-  odd slow step (a checkpoint, an evaluation), and clock-free (durations, never timestamps).
+  absolute deviations, and by at least `min_fraction` of a step and `min_s` seconds: robust to
+  jitter and to the odd slow step (a checkpoint, an evaluation), and clock-free (durations,
+  never timestamps).
 
 The classifiers are pure functions of heartbeat dicts (see heartbeat.py), tested on synthetic
 timings. `Monitor` runs them in a thread of the launcher: it outlives the workers, and unlike
@@ -27,6 +28,7 @@ import statistics
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -135,7 +137,8 @@ def lateness_by_rank(beats: dict[int, dict], window: int) -> tuple[dict[int, lis
     return late, step_times
 
 
-def find_slow(beats: dict[int, dict], k: float, window: int, min_fraction: float) -> list[Verdict]:
+def find_slow(beats: dict[int, dict], k: float, window: int, min_fraction: float,
+              min_s: float = 0.0) -> list[Verdict]:
     measured = lateness_by_rank(beats, window)
     if measured is None:
         return []
@@ -143,7 +146,7 @@ def find_slow(beats: dict[int, dict], k: float, window: int, min_fraction: float
     pooled = [x for values in late.values() for x in values]
     centre = statistics.median(pooled)
     mad = statistics.median(abs(x - centre) for x in pooled)
-    floor = min_fraction * statistics.median(step_times)
+    floor = max(min_fraction * statistics.median(step_times), min_s)
     threshold = centre + max(k * MAD_TO_SIGMA * mad, floor)
     verdicts = []
     for rank, values in sorted(late.items()):
@@ -157,7 +160,7 @@ def find_slow(beats: dict[int, dict], k: float, window: int, min_fraction: float
                 "slow", rank, beat["host"], beat["pid"], group, op, 0, beat["step"],
                 detail=f"arrives {typical:.3f} s late per step (median of {window} steps; "
                        f"threshold {threshold:.3f} s = median {centre:.3f} s + max({k:g} MADs, "
-                       f"{min_fraction:g} of a {statistics.median(step_times):.3f} s step))"))
+                       f"{min_fraction:g} of a {statistics.median(step_times):.3f} s step, {min_s:g} s))"))
     return verdicts
 
 
@@ -178,17 +181,41 @@ def process_gone(pid: int) -> bool:
             return False
 
 
+HEARTBEAT_FIELDS = {"rank": int, "generation": int, "pid": int, "host": str, "state": str, "time": (int, float),
+                    "step": int, "entered": dict, "completed": dict, "steps": list}
+
+
+def parse_heartbeat(raw: bytes, rank: int) -> dict | None:
+    """A heartbeat as the watchdog writes it (JSON with the expected fields), else None: the
+    store is reachable by other local processes, and what they write is data, never trusted."""
+    try:
+        beat = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(beat, dict) or beat.get("rank") != rank:
+        return None
+    if not all(isinstance(beat.get(name), kind) for name, kind in HEARTBEAT_FIELDS.items()):
+        return None
+    return beat
+
+
 class Monitor:
     """A launcher thread: reads heartbeats, names faults in events.jsonl and on stderr, kills a hung rank."""
 
     def __init__(self, store: Any, world_size: int, run_dir: Path, heartbeat_s: float, hang_s: float,
-                 slow_k: float, slow_window: int, slow_min_fraction: float, restart: bool):
+                 slow_k: float, slow_window: int, slow_min_fraction: float, restart: bool,
+                 slow_min_s: float = 0.0, local_pids: Callable[[], dict[int, int]] | None = None):
         self.store, self.world_size, self.run_dir = store, world_size, run_dir
         self.poll_s = min(0.05, heartbeat_s / 2)
         self.stale_s = max(20 * heartbeat_s, 10.0)  # a heartbeat this old on another host: crashed
         self.hang_s, self.restart = hang_s, restart
         self.elastic = False  # resilience.mode=elastic: the survivors go on in place
-        self.slow = (slow_k, slow_window, slow_min_fraction)
+        self.slow = (slow_k, slow_window, slow_min_fraction, slow_min_s)
+        # rank -> pid of the workers this launcher started (the current generation). Only these
+        # are ever signalled, and their liveness is read from them, never from a heartbeat's pid:
+        # the store is reachable by any local process, and a forged heartbeat must not make the
+        # monitor kill or judge another process.
+        self.local_pids = local_pids
         self.host = socket.gethostname()
         self.generation = -1  # the newest worker generation seen
         self.handled: set[int] = set()  # generations whose crash or hang has been reported
@@ -212,7 +239,9 @@ class Monitor:
         for rank in range(self.world_size):
             key = KEY.format(rank=rank)
             if self.store.check([key]):
-                beats[rank] = json.loads(self.store.get(key))
+                beat = parse_heartbeat(self.store.get(key), rank)
+                if beat is not None:
+                    beats[rank] = beat
         newest = max((b["generation"] for b in beats.values()), default=-1)
         if newest > self.generation:  # the launcher restarted the workers: start afresh
             self.generation, self.gone = newest, []
@@ -231,9 +260,19 @@ class Monitor:
                 print(f"plait: monitor: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
 
     def dead_ranks(self, beats: dict[int, dict], now: float) -> set[int]:
-        """Ranks whose process is gone (this host) or whose heartbeat stopped (another host)."""
-        return {rank for rank, beat in beats.items()
-                if (process_gone(beat["pid"]) if beat["host"] == self.host else now - beat["time"] > self.stale_s)}
+        """Ranks whose process is gone (started by this launcher) or whose heartbeat stopped."""
+        pids = self.local_pids() if self.local_pids is not None else {}
+        dead = set()
+        for rank, beat in beats.items():
+            if rank in pids:
+                gone = process_gone(pids[rank])
+            elif self.local_pids is None and beat["host"] == self.host:  # (unit tests: no launcher)
+                gone = process_gone(beat["pid"])
+            else:
+                gone = now - beat["time"] > self.stale_s
+            if gone:
+                dead.add(rank)
+        return dead
 
     def check(self, beats: dict[int, dict], now: float, dead: set[int] | None = None) -> None:
         if self.generation in self.handled or not beats or usage_error_noted():
@@ -246,11 +285,12 @@ class Monitor:
         if verdict is not None:
             self.handled.add(self.generation)
             self._report(verdict, now)
-            if verdict.kind == "hang" and verdict.host == self.host:
+            pid = (self.local_pids() if self.local_pids is not None else {}).get(verdict.rank)
+            if verdict.kind == "hang" and pid is not None:
                 # Its peers would only fail at the collective timeout; end it now so the
                 # launcher restarts the workers (or, in mode none, the job ends) sooner.
                 try:
-                    os.kill(verdict.pid, signal.SIGKILL)
+                    os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
             return

@@ -27,10 +27,13 @@ from plait.parallel.comm import Comm
 from plait.resilience.heartbeat import STORE_ENV, Watchdog, connect_store, generation
 from plait.resilience.inject import FaultInjector, parse_faults
 from plait.resilience.monitor import FAULT_KEY
+from plait.resilience.processes import SNAPSHOT_DIR_ENV
 from plait.resilience.snapshot import (
     buddy_rank,
     job_id,
     newest_valid_snapshot,
+    remove_empty,
+    remove_snapshots,
     snapshot_root,
     snapshot_step,
     write_snapshot,
@@ -59,7 +62,10 @@ class Resilience:
         # only for now (on several nodes the others could not read rank 0's /dev/shm).
         one_node = rt.world_size == rt.local_world_size
         self.snapshot_every = r.snapshot_every if r.mode == "restart" and restarts > 0 and one_node else 0
-        self.root = snapshot_root(run_dir, job_id())
+        # Under torchrun nobody but the workers can remove the snapshots: they do, on leaving.
+        self.own_cleanup = SNAPSHOT_DIR_ENV not in os.environ
+        self.root = snapshot_root(run_dir, job_id()) if self.snapshot_every or SNAPSHOT_DIR_ENV in os.environ else None
+        self._copy: str | None = None  # "host" / "buddy": the copy this rank writes, if any
         self.buddy = buddy_rank(rt.world_size, rt.local_world_size)
         self._writer: threading.Thread | None = None  # the snapshot being written, if any
         self._written: dict[str, Any] = {}
@@ -86,6 +92,7 @@ class Resilience:
         copy = "host" if self.rt.rank == 0 else "buddy" if self.rt.rank == self.buddy else None
         if copy is None:
             return
+        self._copy = copy
         self._collect_writer(trainer.log, wait=True)  # one write in flight at a time
         # The gathered tensors are fresh copies, so serialising, hashing and writing them can
         # go on in a thread while training continues: off the step's critical path.
@@ -118,7 +125,7 @@ class Resilience:
         """Rank 0: the snapshot to resume from when it is newer than the disk checkpoint `path`.
         Returns (path, rejected copies and checkpoints, "memory" | "disk" | "scratch")."""
         on_disk = "disk" if path is not None else "scratch"  # scratch: nothing saved yet
-        if not self.root.is_dir():
+        if self.root is None or not self.root.is_dir():
             return path, rejected, on_disk
         snapshot, bad = newest_valid_snapshot(self.root)
         disk_step = int(json.loads((path / "manifest.json").read_text())["step"]) if path else 0
@@ -157,3 +164,10 @@ class Resilience:
             self._writer.join()
         if self.watchdog is not None:
             self.watchdog.stop("done" if finished else "failed")
+        restarts = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0"))
+        last_generation = generation() >= restarts
+        if self.own_cleanup and self.root is not None and self._copy and (finished or last_generation):
+            # No later generation will resume from this copy. Each rank removes the copy it
+            # wrote (it has joined its own writer), then the job's folder once it is empty.
+            remove_snapshots(self.root / self._copy)
+            remove_empty(self.root)

@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
+from plait.resilience.processes import SNAPSHOT_DIR_ENV, make_private_dir, private_shm_root
+from plait.resilience.sentinel import remove_private_folder
 from plait.train import checkpoint as ckpt
 
 COPIES = ("host", "buddy")
@@ -28,10 +28,17 @@ KEEP = 2  # snapshots per copy: the newest and one to fall back on
 
 def snapshot_root(run_dir: Path, job_id: str) -> Path:
     """The job's snapshot folder in shared memory: the same for every restart of one job, never
-    shared with another job (a stale snapshot must not be resumed by a new run in the same folder)."""
-    base = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
-    key = hashlib.sha1(f"{Path(run_dir).resolve()}|{job_id}".encode()).hexdigest()[:12]
-    return base / f"plait-snapshots-{key}"
+    shared with another job (a stale snapshot must not be resumed by a new run in the same folder).
+
+    Under plait's launcher it is the private folder the launcher made (random name, 0700) and
+    removes. Under torchrun, whose restarted workers must find it again without a launcher of
+    ours, it is named after the run folder and job id inside this user's private folder
+    (/dev/shm/plait-UID, 0700), where nobody else can plant a name or a symlink."""
+    given = os.environ.get(SNAPSHOT_DIR_ENV)
+    if given:
+        return Path(given)
+    key = hashlib.sha256(f"{Path(run_dir).resolve()}|{job_id}".encode()).hexdigest()[:16]
+    return private_shm_root() / f"torchrun-{key}"
 
 
 def buddy_rank(world_size: int, local_world_size: int) -> int:
@@ -42,6 +49,9 @@ def buddy_rank(world_size: int, local_world_size: int) -> int:
 
 
 def write_snapshot(root: Path, copy: str, step: int, files: dict) -> Path:
+    if root.parent == private_shm_root():  # torchrun's folder: (re)made private, never through a symlink
+        make_private_dir(root.parent)
+        make_private_dir(root)
     path = ckpt.write_checkpoint(root / copy, step, files)
     ckpt.prune(root / copy, KEEP)
     return path
@@ -66,7 +76,16 @@ def snapshot_step(path: Path) -> int:
 
 
 def remove_snapshots(root: Path) -> None:
-    shutil.rmtree(root, ignore_errors=True)
+    remove_private_folder(root)
+
+
+def remove_empty(root: Path) -> None:
+    """Remove the job's snapshot folder once both copies are gone (and this user's folder)."""
+    try:
+        root.rmdir()
+    except OSError:
+        return  # the other copy is still there: its writer removes the folder
+    remove_private_folder(root)
 
 
 def job_id() -> str:
