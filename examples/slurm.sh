@@ -16,6 +16,11 @@ set -euo pipefail
 GPUS_PER_NODE=${SLURM_GPUS_ON_NODE:-8}
 HEAD_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 RUN_DIR=${RUN_DIR:-runs/${SLURM_JOB_NAME}-${SLURM_JOB_ID}}  # must be on a filesystem all nodes share
+# The rendezvous store and gloo / NCCL listen on the cluster network, which must be trusted:
+# name its private interface (e.g. ib0, eth1) so nothing listens on a public one.
+if [[ -n "${CLUSTER_IFNAME:-}" ]]; then
+  export GLOO_SOCKET_IFNAME="$CLUSTER_IFNAME" NCCL_SOCKET_IFNAME="$CLUSTER_IFNAME"
+fi
 
 srun torchrun \
   --nnodes="$SLURM_NNODES" \

@@ -7,14 +7,30 @@ one line on stderr naming the problem; nothing is printed twice by the ranks of 
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 import traceback
 from pathlib import Path
 
 from plait.errors import PlaitError
+from plait.resilience.sentinel import die_with_launcher
+from plait.resilience.usage_errors import (
+    note_environment_error,
+    note_interrupted,
+    note_usage_error,
+    noted_status,
+)
 
 USAGE_ERROR = 2
+INTERRUPTED = 130  # 128 + SIGINT, as shells report it
+ENVIRONMENT_ERROR = 1  # the machine refused (disk full, permission denied): one line, no restart
+# OSErrors that name a problem of the machine or the paths given, not of plait.
+ENVIRONMENT_ERRNOS = frozenset({
+    errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR,
+    errno.EISDIR, errno.EEXIST, errno.ENOENT, errno.ENAMETOOLONG, errno.EFBIG, errno.EMFILE,
+    errno.ELOOP, errno.EIO,
+})
 
 
 def _train_parser(sub: argparse._SubParsersAction) -> None:
@@ -25,6 +41,8 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--run-dir", default=None, help="where the run writes (default: runs/<config name>)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set train.steps=100 (repeatable)")
+    p.add_argument("--force", action="store_true",
+                   help="train into a non-empty folder that is not a plait run (its config.toml may be overwritten)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,10 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p = sub.add_parser("plot", help="draw loss against step for one or more runs")
     p.add_argument("run_dirs", nargs="+")
-    p.add_argument("-o", "--output", default=None, help="PNG file (default: loss.png in the first run dir)")
+    p.add_argument("-o", "--output", default=None,
+                   help="image file, .png/.pdf/.svg... (default: loss.png in the first run dir)")
     p = sub.add_parser("export", help="write the model with Hugging Face Llama parameter names")
     p.add_argument("run_dir")
-    p.add_argument("-o", "--output", required=True, help="a .safetensors file")
+    p.add_argument("-o", "--output", required=True, help="a .safetensors file (config.json goes beside it)")
+    p.add_argument("--force", action="store_true", help="overwrite the .safetensors file and config.json")
     sub.add_parser("prepare", help="tokenise a corpus once into a .bin token file", add_help=False)
     sub.add_parser("plan", help="predict memory, step time and MFU of parallel layouts", add_help=False)
     sub.add_parser("btm", help="Branch-Train-Merge: branch, train, merge and evaluate domain experts",
@@ -57,7 +77,10 @@ def default_nproc() -> int:
 
 
 def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
+    from contextlib import nullcontext
+
     from plait import config as config_mod
+    from plait.train.rundir import claim_run_dir, held_by_launcher
 
     cfg = config_mod.load_config(args.config, args.overrides)
     run_dir = Path(args.run_dir or Path("runs") / cfg.name)
@@ -65,41 +88,59 @@ def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
     nproc = 1 if under_launcher else (args.nproc if args.nproc is not None else default_nproc())
     if nproc < 1:
         raise PlaitError(f"--nproc {nproc} must be at least 1")
-    if under_launcher or nproc == 1:
-        from plait.resilience.usage_errors import usage_error_noted
+    # One writer per run directory (train/rundir.py): the job's top process holds the lock; a
+    # worker whose launcher holds it, and torchrun's ranks other than 0, do not.
+    if under_launcher and (held_by_launcher(run_dir) or os.environ.get("RANK", "0") != "0"):
+        claim = nullcontext()
+    else:
+        claim = claim_run_dir(run_dir, force=args.force)
+    with claim:
+        if under_launcher or nproc == 1:
+            from plait.resilience.usage_errors import noted_status
 
-        if usage_error_noted():  # an earlier worker generation said why; restarting cannot help
-            return USAGE_ERROR
-        from plait.resilience.elastic import ID_ENV
+            noted = noted_status()
+            if noted is not None:  # an earlier worker generation said why; restarting cannot help
+                return noted
+            from plait.resilience.elastic import ID_ENV
 
-        if ID_ENV in os.environ:  # a worker of plait's elastic launcher (resilience.mode=elastic)
-            from plait.resilience.elastic import elastic_train
+            if ID_ENV in os.environ:  # a worker of plait's elastic launcher (resilience.mode=elastic)
+                from plait.resilience.elastic import elastic_train
 
-            elastic_train(cfg, run_dir)
-            return 0
-        from plait.train.trainer import train
+                elastic_train(cfg, run_dir)
+                return 0
+            from plait.train.trainer import train
 
-        train(cfg, run_dir)
-        return 0
-    # Check everything that can be checked before any worker starts, and build the data
-    # caches once here so the workers only read them.
-    import copy
+            if under_launcher:  # a worker: its launcher handles Ctrl-C and SIGTERM for the job
+                train(cfg, run_dir)
+                return 0
+            from plait.launch import run_interruptible
 
-    from plait.data import check_corpus, load_data
+            def train_here() -> int:
+                train(cfg, run_dir)
+                return 0
 
-    config_mod.validate(copy.deepcopy(cfg), world_size=nproc)
-    check_corpus(cfg.data)
-    load_data(cfg.data, cfg.model.vocab_size, cfg.model.seq_len)
-    from plait.launch import launch_local
+            return run_interruptible(train_here, run_dir)
+        # Check everything that can be checked before any worker starts, and build the data
+        # caches once here so the workers only read them.
+        import copy
 
-    return launch_local(nproc, argv, cfg=cfg, run_dir=run_dir)
+        from plait.data import check_corpus, load_data
+
+        config_mod.validate(copy.deepcopy(cfg), world_size=nproc)
+        check_corpus(cfg.data)
+        load_data(cfg.data, cfg.model.vocab_size, cfg.model.seq_len)
+        from plait.launch import launch_local
+
+        claim.share_with_workers()
+        return launch_local(nproc, argv, cfg=cfg, run_dir=run_dir)
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
     from plait.train.sample import generate
-    from plait.train.trained import load_trained
+    from plait.train.trained import load_trained, report_choice
 
     trained = load_trained(Path(args.run_dir))
+    report_choice(trained)
     text = generate(trained.model, trained.tokenizer, args.prompt, args.tokens, trained.cfg.model.seq_len,
                     seed=args.seed, temperature=args.temperature)
     print(text)
@@ -117,8 +158,14 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from plait.export import export_hf
+    from plait.outputs import check_output_file
+    from plait.train.trained import load_trained, report_choice
 
-    written = export_hf(Path(args.run_dir), Path(args.output))
+    output = Path(args.output)
+    check_output_file(output, "-o", args.force)  # before the model is loaded: fail fast on a typo
+    trained = load_trained(Path(args.run_dir))
+    written = export_hf(trained, output, force=args.force)
+    report_choice(trained)  # after the writes: a refused export says only why, in one line
     print("wrote " + ", ".join(str(p) for p in written))
     return 0
 
@@ -129,6 +176,7 @@ def _is_main_rank() -> bool:
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
+    die_with_launcher()  # a worker of plait's launcher never outlives it
     try:
         if argv and argv[0] == "prepare":
             from plait.data.prepare import main as prepare_main
@@ -151,19 +199,48 @@ def main(argv: list[str] | None = None) -> None:
         }
         sys.exit(handlers[args.command]())
     except PlaitError as exc:
-        from plait.resilience.usage_errors import note_usage_error
-
         note_usage_error()
         if _is_main_rank():  # every rank raises the same collective error; say it once
             print(f"plait: error: {exc}", file=sys.stderr, flush=True)
         sys.exit(USAGE_ERROR)
     except KeyboardInterrupt:
-        sys.exit(130)
+        # A worker: the launcher got the same Ctrl-C and says where the run stopped.
+        note_interrupted(INTERRUPTED)
+        sys.exit(INTERRUPTED)
     except BrokenPipeError:  # output piped into `head` and closed early: not an error of ours
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(0)
-    except Exception:
+    except OSError as exc:
+        if exc.errno not in ENVIRONMENT_ERRNOS:
+            raise_unexpected()
+        # The machine, not the program: a full disk, a read-only or unwritable path, a file
+        # where a folder should be. Restarting cannot help, so the job ends here.
+        note_environment_error()
         rank = os.environ.get("RANK")
-        prefix = f"[rank {rank}] " if rank is not None else ""
-        sys.stderr.write("".join(prefix + line + "\n" for line in traceback.format_exc().splitlines()))
-        sys.exit(1)
+        where = f" (rank {rank})" if rank not in (None, "0") else ""
+        print(f"plait: error{where}: {describe_os_error(exc)}", file=sys.stderr, flush=True)
+        sys.exit(ENVIRONMENT_ERROR)
+    except Exception:
+        raise_unexpected()
+
+
+def raise_unexpected() -> None:
+    """A bug, not bad input: the traceback, labelled with the rank, and exit status 1.
+
+    Unless another worker of the job has already ended it with a usage or environment error, or
+    was interrupted: then this failure (a collective whose peer left) is only its echo, and the
+    worker leaves quietly with the same status."""
+    noted = noted_status()
+    if noted is not None:
+        sys.exit(noted)
+    rank = os.environ.get("RANK")
+    prefix = f"[rank {rank}] " if rank is not None else ""
+    sys.stderr.write("".join(prefix + line + "\n" for line in traceback.format_exc().splitlines()))
+    sys.exit(1)
+
+
+def describe_os_error(exc: OSError) -> str:
+    """`No space left on device: runs/x/metrics.jsonl`: the reason, then the path it concerns."""
+    reason = exc.strerror or str(exc)
+    paths = [str(p) for p in (exc.filename, exc.filename2) if p is not None]
+    return reason + (": " + " -> ".join(paths) if paths else "")

@@ -11,11 +11,13 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from plait.config import ModelConfig
-from plait.errors import ConfigError
-from plait.train.trained import load_trained
+from plait.data.tokenfile import atomic_write, atomic_write_text
+from plait.errors import ConfigError, PlaitError
+from plait.outputs import check_output_file
+from plait.train.trained import Trained
 
 _BLOCK_NAMES = {
     "attn_norm.weight": "input_layernorm.weight",
@@ -54,19 +56,34 @@ def hf_config(cfg: ModelConfig) -> dict:
     }
 
 
-def export_hf(run_dir: Path, output: Path) -> list[Path]:
-    """Write `output` (.safetensors) and, beside it, config.json unless one is already there."""
-    trained = load_trained(run_dir)
+def export_hf(trained: Trained, output: Path, force: bool = False) -> list[Path]:
+    """Write `output` (.safetensors) and, beside it, config.json; returns the files written.
+
+    An existing file is replaced only with `force`, except a config.json that already says
+    exactly this model, which is left as it is. Each file is written under a temporary name
+    and renamed into place, so a failed export never leaves half a file.
+    """
     if trained.cfg.model.n_experts:
         raise ConfigError(f"model.n_experts={trained.cfg.model.n_experts}: plait export writes dense Llama "
                           "models only; an MoE model has no Llama layout (its checkpoint holds it in full)")
+    config_path = output.parent / "config.json"
+    if output.name == config_path.name:
+        raise PlaitError(f"-o: '{output}' is where the model's config.json goes; name the .safetensors file")
+    check_output_file(output, "-o", force)
+    config_text = json.dumps(hf_config(trained.cfg.model), indent=2)
+    check_output_file(config_path, "-o", force or _holds(config_path, config_text))
     # named_parameters lists a tied weight once (as the embedding), which is what HF expects.
     tensors = {hf_name(n): p.detach().to(torch.float32).contiguous() for n, p in trained.model.named_parameters()}
-    output.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(output), metadata={"format": "pt", "source": f"plait step {trained.step}"})
+    # Serialised in memory and written by Python, so a full disk or a refused path is an
+    # OSError naming the file (safetensors' own file writer reports neither).
+    model_bytes = save(tensors, metadata={"format": "pt", "source": f"plait step {trained.step}"})
+    atomic_write(output, lambda f: f.write(model_bytes))
     written = [output]
-    config_path = output.parent / "config.json"
-    if not config_path.exists():
-        config_path.write_text(json.dumps(hf_config(trained.cfg.model), indent=2))
+    if not _holds(config_path, config_text):
+        atomic_write_text(config_path, config_text)
         written.append(config_path)
     return written
+
+
+def _holds(path: Path, text: str) -> bool:
+    return path.is_file() and path.read_bytes() == text.encode()

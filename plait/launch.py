@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -36,7 +38,7 @@ from plait.resilience.processes import (
     stop_processes,
     worker_env,
 )
-from plait.resilience.usage_errors import noted_status
+from plait.resilience.usage_errors import USAGE_ERROR_ENV, noted_status
 from plait.train.metrics import EVENTS_FILE, METRICS_FILE, read_jsonl
 
 POLL_S = 0.05
@@ -74,19 +76,34 @@ def launch_local(nproc: int, plait_args: list[str], cfg: Config, run_dir: Path) 
     return _run_with_signals(lambda job: LocalLauncher(nproc, plait_args, cfg, run_dir, job).run(), run_dir)
 
 
-def _run_with_signals(run: Any, run_dir: Path) -> int:
-    """Run a launcher with Ctrl-C and SIGTERM turned into a clean stop, and the job's files removed."""
+def _run_with_signals(run: Callable[[JobFiles], int], run_dir: Path) -> int:
+    """Run a launcher on the job's private files, removed whatever happens."""
+
+    def body() -> int:
+        job = JobFiles.create()
+        # The launcher and its monitor read the workers' notes (usage_errors.py) where they write them.
+        os.environ[USAGE_ERROR_ENV] = str(job.usage_error_file)
+        try:
+            return run(job)
+        finally:
+            # A second Ctrl-C while the workers are being stopped must not leave them behind.
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            job.remove()
+            os.environ.pop(USAGE_ERROR_ENV, None)
+
+    return run_interruptible(body, run_dir)
+
+
+def run_interruptible(body: Callable[[], int], run_dir: Path) -> int:
+    """Run `body` (a launcher, or training in this process) with Ctrl-C and SIGTERM turned into a
+    clean stop: one line saying where the run stopped, and exit status 130 or 143."""
     previous = {signum: signal.signal(signum, _raise_interrupted) for signum in (signal.SIGINT, signal.SIGTERM)}
-    job = JobFiles.create()
     try:
-        return run(job)
+        return body()
     except Interrupted as stop:
         return report_interrupted(run_dir, stop.signum)
     finally:
-        # A second Ctrl-C while the workers are being stopped must not leave them behind.
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        job.remove()
         for signum, handler in previous.items():
             signal.signal(signum, handler)
 

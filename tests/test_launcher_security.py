@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 
 from plait.resilience.monitor import KEY, Monitor, find_slow
-from plait.resilience.processes import loopback_store
+from plait.resilience.processes import SNAPSHOT_DIR_ENV, loopback_store, make_private_dir, private_shm_root
+from plait.resilience.snapshot import remove_snapshots, snapshot_root, write_snapshot
 from tests.scenarios import BASE, read_jsonl
 
 pytestmark = [pytest.mark.timeout(240), pytest.mark.skipif(not sys.platform.startswith("linux"),
@@ -30,9 +31,9 @@ LOOPBACK = {"127.0.0.1", "::1"}
 SHM = Path("/dev/shm")
 
 
-def start_job(run_dir: Path, *overrides: str) -> subprocess.Popen:
-    """`plait train --nproc 2` in its own session (so a test can signal its process group)."""
-    args = [sys.executable, "-m", "plait", "train", "--nproc", "2", "--run-dir", str(run_dir)]
+def start_job(run_dir: Path, *overrides: str, nproc: int = 2) -> subprocess.Popen:
+    """`plait train --nproc N` in its own session (so a test can signal its process group)."""
+    args = [sys.executable, "-m", "plait", "train", "--nproc", str(nproc), "--run-dir", str(run_dir)]
     for item in BASE + list(overrides):
         args += ["--set", item]
     return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -116,9 +117,23 @@ def shm_entries() -> set[str]:
     return found
 
 
-def temp_entries() -> set[str]:
+def temp_entries(job_id: str = "") -> set[str]:
+    """The job's private temporary folders (any job's when `job_id` is empty), and torch's."""
     tmp = Path(os.environ.get("TMPDIR", "/tmp"))
-    return {p.name for p in tmp.iterdir() if p.name.startswith(("plait-", "torchelastic_"))}
+    prefixes = (f"plait-{job_id}" if job_id else "plait-", "torchelastic_")
+    return {p.name for p in tmp.iterdir() if p.name.startswith(prefixes)}
+
+
+def job_id_of(proc: subprocess.Popen) -> str:
+    """The launcher's job id, read from a worker's environment (PLAIT_JOB_ID=plait-<hex>)."""
+    for pid in descendants(proc.pid) - {proc.pid}:
+        try:
+            for item in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+                if item.startswith(b"PLAIT_JOB_ID=plait-"):
+                    return item.split(b"-", 1)[1].decode()
+        except OSError:
+            continue
+    raise AssertionError("no worker carries the job id")
 
 
 @pytest.fixture(scope="module")
@@ -149,8 +164,9 @@ def test_every_listening_socket_of_a_job_is_on_loopback(running_job):
 
 
 def test_sigkill_of_the_launcher_takes_the_workers_and_the_snapshots_with_it(running_job):
-    proc, run_dir, (shm_before, temp_before) = running_job
-    workers = descendants(proc.pid) - {proc.pid}
+    proc, run_dir, (shm_before, _) = running_job
+    workers, job_id = descendants(proc.pid) - {proc.pid}, job_id_of(proc)
+    assert temp_entries(job_id)
     assert shm_entries() - shm_before, "the job keeps snapshots in /dev/shm while it runs"
     proc.kill()  # SIGKILL: the launcher cleans up nothing itself
     proc.wait()
@@ -159,14 +175,17 @@ def test_sigkill_of_the_launcher_takes_the_workers_and_the_snapshots_with_it(run
         time.sleep(0.1)
     assert not [p for p in workers if alive(p)]
     assert not shm_entries() - shm_before
-    assert not temp_entries() - temp_before
+    assert not temp_entries(job_id)
 
 
-def interrupt(tmp_path: Path, signum: int, whole_group: bool) -> tuple[subprocess.CompletedProcess, Path]:
+def interrupt(tmp_path: Path, signum: int, whole_group: bool, mode: str, nproc: int
+              ) -> tuple[subprocess.CompletedProcess, Path, str]:
     run_dir = tmp_path / "run"
-    proc = start_job(run_dir, "train.steps=2000", "checkpoint.every=0", "resilience.heartbeat_s=0.1")
+    proc = start_job(run_dir, "train.steps=2000", "checkpoint.every=0", "resilience.heartbeat_s=0.1",
+                     f"resilience.mode={mode}", nproc=nproc)
     try:
         wait_for_step(run_dir, 2, proc)
+        job_id = job_id_of(proc) if nproc > 1 else "no-such-job"  # one process: no launcher
         if whole_group:  # what a terminal's Ctrl-C does
             os.killpg(proc.pid, signum)
         else:
@@ -176,13 +195,14 @@ def interrupt(tmp_path: Path, signum: int, whole_group: bool) -> tuple[subproces
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.communicate()
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err), run_dir
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err), run_dir, job_id
 
 
-@pytest.mark.parametrize("signum, whole_group, status", [(signal.SIGINT, True, 130), (signal.SIGTERM, False, 143)])
-def test_ctrl_c_and_sigterm_stop_the_job_with_one_line(tmp_path, signum, whole_group, status):
-    before = temp_entries()
-    result, run_dir = interrupt(tmp_path, signum, whole_group)
+@pytest.mark.parametrize("signum, whole_group, status, mode, nproc", [
+    (signal.SIGINT, True, 130, "restart", 2), (signal.SIGTERM, False, 143, "restart", 2),
+    (signal.SIGTERM, False, 143, "elastic", 2), (signal.SIGINT, True, 130, "restart", 1)])
+def test_ctrl_c_and_sigterm_stop_the_job_with_one_line(tmp_path, signum, whole_group, status, mode, nproc):
+    result, run_dir, job_id = interrupt(tmp_path, signum, whole_group, mode, nproc)
     assert result.returncode == status, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     said = [line for line in result.stderr.splitlines() if line.startswith("plait:")]
@@ -191,7 +211,7 @@ def test_ctrl_c_and_sigterm_stop_the_job_with_one_line(tmp_path, signum, whole_g
     events = read_jsonl(run_dir / "events.jsonl")
     assert not [e for e in events if e["event"] in ("fault_detected", "recovered")]
     assert events[-1]["event"] == "interrupted"
-    assert not temp_entries() - before
+    assert not temp_entries(job_id)
 
 
 def test_a_forged_heartbeat_makes_the_monitor_signal_nothing_outside_its_job(tmp_path):
@@ -237,3 +257,44 @@ def test_millisecond_lateness_on_a_loaded_cpu_is_never_slow():
              2: steps(2, [0.003] * 8, 0.01), 3: steps(3, [0.0031] * 8, 0.01)}
     assert [v.rank for v in find_slow(beats, k=8.0, window=8, min_fraction=0.1, min_s=0.0)] == [1]
     assert find_slow(beats, k=8.0, window=8, min_fraction=0.1, min_s=0.05) == []
+
+
+def test_snapshot_folders_are_private_and_never_followed_through_a_symlink(tmp_path):
+    target = tmp_path / "elsewhere"
+    target.mkdir()
+    planted = tmp_path / "plait-planted"
+    planted.symlink_to(target)
+    with pytest.raises(PermissionError):
+        make_private_dir(planted)
+    shared = tmp_path / "plait-shared"
+    shared.mkdir(mode=0o755)
+    shared.chmod(0o755)  # others may enter: someone else could have made it
+    with pytest.raises(PermissionError):
+        make_private_dir(shared)
+    made = make_private_dir(tmp_path / "plait-mine")
+    assert made.stat().st_mode & 0o777 == 0o700
+
+
+def test_under_torchrun_the_workers_remove_their_snapshots_when_the_job_is_over(tmp_path, monkeypatch):
+    """No plait launcher: the snapshot folder lies in this user's private folder, is named after
+    the run and torch's job id, and each rank removes the copy it wrote once no restart follows."""
+    from plait.resilience.session import Resilience
+
+    monkeypatch.delenv(SNAPSHOT_DIR_ENV, raising=False)
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "2")
+    root = snapshot_root(tmp_path / "run", f"test-{os.getpid()}")
+    assert root.parent == private_shm_root()
+    try:
+        write_snapshot(root, "host", 4, {"trainer.json": {"step": 4}})
+        assert root.parent.stat().st_mode & 0o777 == 0o700 and root.stat().st_mode & 0o777 == 0o700
+        session = Resilience.__new__(Resilience)  # only what close() looks at
+        session._writer, session.watchdog, session.root, session._copy = None, None, root, "host"
+        session.own_cleanup = True
+        monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+        session.close(finished=False)  # a failed generation with restarts left: kept for the next
+        assert (root / "host").is_dir()
+        monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "2")
+        session.close(finished=False)  # the last generation failed: nobody will resume from it
+        assert not root.exists()
+    finally:
+        remove_snapshots(root)

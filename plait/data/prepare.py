@@ -12,8 +12,9 @@ from pathlib import Path
 from plait.config import DataConfig
 from plait.data.corpus import check_nonempty, read_text, resolve_corpus
 from plait.data.dataset import cache_root, cache_stem, check_vocab, content_hash, corpus_cache_dir, get_tokenizer, tokenize
-from plait.data.tokenfile import write_token_file
+from plait.data.tokenfile import sidecar_path, write_token_file
 from plait.errors import DataError
+from plait.outputs import check_output_file
 
 DEFAULT_BPE_VOCAB = 4096
 
@@ -22,6 +23,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="plait prepare", description="Tokenise a corpus into OUT.bin + OUT.bin.json.")
     p.add_argument("input", metavar="INPUT", help="shakespeare, python, a text file or a folder of text files")
     p.add_argument("-o", "--output", required=True, metavar="OUT.bin", help="token file to write")
+    p.add_argument("--force", action="store_true", help="overwrite OUT.bin and OUT.bin.json if they exist")
     p.add_argument("--tokenizer", choices=("byte", "bpe"), default="byte")
     p.add_argument("--vocab-size", type=int, default=None,
                    help=f"BPE vocabulary size (default {DEFAULT_BPE_VOCAB}; byte is always 256)")
@@ -39,6 +41,10 @@ def main(argv: list[str]) -> int:
     out = Path(args.output)
     if out.suffix != ".bin":
         raise DataError(f"-o: '{args.output}' must end in .bin (that is how data.corpus recognises token files)")
+    # Checked before the corpus is read: tokenising can take long, and a typo must not replace
+    # a token file that a run is reading.
+    check_output_file(out, "-o", args.force)
+    check_output_file(sidecar_path(out), "-o", args.force)
     corpus = resolve_corpus(args.input, field="INPUT")
     if corpus.kind == "bin":
         raise DataError(f"INPUT: '{args.input}' is already a token file")

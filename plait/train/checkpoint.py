@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from plait.train.rundir import json_text
+
 FORMAT = "plait-checkpoint-v1"
 MANIFEST = "manifest.json"
 STEP_DIR = re.compile(r"^step-(\d{8})$")
@@ -39,37 +41,64 @@ def _sha256(path: Path) -> str:
 
 
 def _write_file(path: Path, content: Any) -> None:
-    if isinstance(content, str):
-        path.write_text(content)
-    elif path.suffix == ".pt":
-        torch.save(content, path)
-    else:
-        path.write_text(json.dumps(content, indent=1, sort_keys=True))
-    with path.open("rb") as f:
-        os.fsync(f.fileno())
+    """Write and fsync one file; an OSError names `path` (a full disk says where it was full)."""
+    try:
+        if isinstance(content, str):
+            path.write_text(content)
+        elif path.suffix == ".pt":
+            # Through a Python file: a refused write is then an OSError, where torch's own
+            # file writer would raise a RuntimeError that names neither the file nor the errno.
+            with path.open("wb") as f:
+                torch.save(content, f)
+        else:
+            path.write_text(json_text(content, indent=1, sort_keys=True))
+        with path.open("rb") as f:
+            os.fsync(f.fileno())
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror, str(path)) from None
+    except RuntimeError as exc:
+        # torch.save, after a failed write, fails again finishing its zip archive and raises that
+        # RuntimeError instead; the OSError behind it says what the machine refused.
+        refused = exc.__context__
+        while refused is not None and not isinstance(refused, OSError):
+            refused = refused.__context__
+        if refused is None:
+            raise
+        raise OSError(refused.errno, refused.strerror, str(path)) from None
 
 
 def write_checkpoint(root: Path, step: int, files: dict[str, Any]) -> Path:
-    """Write `files` atomically: str as text, `.pt` names via torch.save, anything else as JSON."""
+    """Write `files` atomically: str as text, `.pt` names via torch.save, anything else as JSON.
+
+    When a write fails (a full disk), the temporary folder is removed and the checkpoints
+    already on disk are as they were; the OSError, naming the file, goes to the caller.
+    """
     root.mkdir(parents=True, exist_ok=True)
     for stale in root.glob(".tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)
     final = root / step_dir_name(step)
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
-    tmp.mkdir()
-    entries = {}
-    for name, content in files.items():
-        path = tmp / name
-        _write_file(path, content)
-        entries[name] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
-    _write_file(tmp / MANIFEST, {"format": FORMAT, "step": step, "files": entries})
-    if final.exists():  # re-saving a step after a resume: swap, never leave a gap
-        old = root / f".tmp-old-{final.name}-{os.getpid()}"
-        final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(final)
+    try:
+        tmp.mkdir()
+        entries = {}
+        for name, content in files.items():
+            path = tmp / name
+            _write_file(path, content)
+            entries[name] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+        _write_file(tmp / MANIFEST, {"format": FORMAT, "step": step, "files": entries})
+        if final.exists():  # re-saving a step after a resume: swap, never leave a gap
+            old = root / f".tmp-old-{final.name}-{os.getpid()}"
+            final.rename(old)
+            try:
+                tmp.rename(final)
+            except OSError:
+                old.rename(final)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already after a successful rename
     dir_fd = os.open(root, os.O_RDONLY)
     try:
         os.fsync(dir_fd)

@@ -10,7 +10,9 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
+
+from plait.train.rundir import json_text, write_text_atomic
 
 METRICS_FILE = "metrics.jsonl"
 EVENTS_FILE = "events.jsonl"
@@ -19,71 +21,98 @@ EVENTS_FILE = "events.jsonl"
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
+    return parse_jsonl(path.read_text(errors="replace"))
+
+
+def parse_jsonl(text: str) -> list[dict[str, Any]]:
+    """The JSON objects of `text`, one a line; a torn line (from a crash) is skipped."""
     rows = []
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if line:
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # a torn last line from a crash
+    for line in text.splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
     return rows
 
 
 class RunLog:
-    """Appends metrics and events for rank 0; every method is a no-op on other ranks."""
+    """Appends metrics and events for rank 0; every method is a no-op on other ranks.
+
+    Nothing is created until the first write, so a run refused at start (a resume that does
+    not fit) leaves its run directory exactly as it was.
+    """
 
     def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool):
-        self.enabled = enabled
-        self._metrics = self._events = self._tb = None
-        if not enabled:
-            return
-        run_dir.mkdir(parents=True, exist_ok=True)
-        self._metrics = (run_dir / METRICS_FILE).open("a")
-        self._events = (run_dir / EVENTS_FILE).open("a")
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter  # imported lazily: it is slow to import
+        self.enabled, self.run_dir, self.tensorboard = enabled, run_dir, tensorboard
+        self._files: dict[str, TextIO] = {}
+        self._tb = None
 
-            self._tb = SummaryWriter(str(run_dir / "tensorboard"))
+    def _append(self, name: str, line: str) -> None:
+        path = self.run_dir / name
+        try:
+            if name not in self._files:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                self._files[name] = path.open("a")
+            self._files[name].write(line)
+            self._files[name].flush()
+        except OSError as exc:  # a full disk says which file it refused
+            raise OSError(exc.errno, exc.strerror, str(path)) from None
 
     def truncate_metrics(self, last_step: int) -> int:
         """Keep rows up to `last_step` (the resumed checkpoint) so the file stays one history.
 
+        The file is rewritten whenever a line goes: a row of a step that will be redone, or a
+        torn line from a crash (left in place, the next row would be appended onto it).
         Returns how many rows of steps that will be redone were dropped.
         """
         if not self.enabled:
             return 0
-        path = Path(self._metrics.name)
-        self._metrics.close()
-        rows = read_jsonl(path)
+        path = self.run_dir / METRICS_FILE
+        if METRICS_FILE in self._files:
+            self._files.pop(METRICS_FILE).close()
+        if not path.exists():
+            return 0
+        text = path.read_text(errors="replace")
+        lines = [line for line in text.splitlines() if line.strip()]
+        rows = parse_jsonl(text)
         kept = [r for r in rows if r.get("step", 0) <= last_step]
-        if len(kept) != len(rows):
-            tmp = path.with_suffix(".jsonl.tmp")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-            tmp.replace(path)
-        self._metrics = path.open("a")
+        if len(kept) != len(lines) or (text and not text.endswith("\n")):
+            write_text_atomic(path, "".join(json_text(r) + "\n" for r in kept))
         return len(rows) - len(kept)
 
     def metrics(self, row: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        self._metrics.write(json.dumps(row) + "\n")
-        self._metrics.flush()
-        if self._tb is not None:
+        self._append(METRICS_FILE, json_text(row) + "\n")
+        tb = self._tensorboard()
+        if tb is not None:
             for key in ("loss", "val_loss", "lr", "grad_norm", "tokens_per_s", "mfu"):
                 if row.get(key) is not None:
-                    self._tb.add_scalar(key, row[key], row["step"])
+                    tb.add_scalar(key, row[key], row["step"])
+
+    def _tensorboard(self):
+        if self._tb is None and self.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter  # imported lazily: it is slow to import
+
+            self._tb = SummaryWriter(str(self.run_dir / "tensorboard"))
+        return self._tb
 
     def event(self, kind: str, /, **fields: Any) -> None:
         if not self.enabled:
             return
-        self._events.write(json.dumps({"event": kind, "time": time.time(), **fields}) + "\n")
-        self._events.flush()
+        self._append(EVENTS_FILE, json_text({"event": kind, "time": time.time(), **fields}) + "\n")
 
     def close(self) -> None:
-        for handle in (self._metrics, self._events, self._tb):
+        for handle in (*self._files.values(), self._tb):
             if handle is not None:
-                handle.close()
+                try:
+                    handle.close()
+                except OSError:
+                    pass  # every line was flushed when written: a failing close loses nothing
+        self._files.clear()
+        self._tb = None
 
 
 def format_duration(seconds: float) -> str:

@@ -8,6 +8,7 @@ tokenizer. Any process count can load it.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -77,8 +78,12 @@ def choose_checkpoint(cfg: config_mod.Config, run_dir: Path) -> tuple[Path | Non
     return found, rejected
 
 
-def check_compatible(path: Path, cfg: config_mod.Config) -> list[str]:
-    """Raise if the checkpoint's model differs from this run's; return warnings for softer changes."""
+def check_compatible(path: Path, cfg: config_mod.Config, tokenizer_json: str | None = None) -> list[str]:
+    """Raise if the checkpoint's model or tokenizer differs from this run's; return warnings for
+    softer changes. `tokenizer_json` is this run's tokenizer (None: judge by the config alone).
+
+    A new tokenizer gives the saved embeddings other meanings, so it is refused unless
+    checkpoint.reset_data says the user wants to go on with the new data anyway."""
     saved = config_mod.load_config(str(path / "config.toml"))
     for field, value in config_mod.to_dict(saved)["model"].items():
         current = getattr(cfg.model, field)
@@ -87,12 +92,37 @@ def check_compatible(path: Path, cfg: config_mod.Config) -> list[str]:
                 f"checkpoint {path} was written for model.{field}={value}, this run has model.{field}={current}"
             )
     warnings = []
-    for dotted in ("train.seed", "train.global_batch", "data.corpus", "data.tokenizer"):
-        section, key = dotted.split(".")
-        old, new = getattr(getattr(saved, section), key), getattr(getattr(cfg, section), key)
-        if old != new:
+    changes = {dotted: (old, new) for dotted in ("train.seed", "train.global_batch", "data.corpus", "data.tokenizer")
+               if (old := _get(saved, dotted)) != (new := _get(cfg, dotted))}
+    if "data.tokenizer" in changes or not _same_tokenizer(path, tokenizer_json):
+        what = ", ".join(f"{d} {changes[d][0]!r} -> {changes[d][1]!r}" for d in ("data.tokenizer", "data.corpus")
+                         if d in changes) or f"data.tokenizer {cfg.data.tokenizer!r} built anew from data.corpus"
+        if not cfg.checkpoint.reset_data:
+            raise CheckpointError(
+                f"checkpoint {path} was trained with another tokenizer ({what}): its token ids would mean other "
+                "text; set checkpoint.reset_data=true to continue with the new tokenizer anyway"
+            )
+        warnings.append(f"the tokenizer changed since the checkpoint ({what}); continuing with the new one "
+                        "as checkpoint.reset_data=true asks")
+    for dotted, (old, new) in changes.items():
+        if dotted != "data.tokenizer":
             warnings.append(f"{dotted} changed from {old!r} to {new!r} since the checkpoint: the sample order differs")
     return warnings
+
+
+def _get(cfg: config_mod.Config, dotted: str) -> Any:
+    section, key = dotted.split(".")
+    return getattr(getattr(cfg, section), key)
+
+
+def _same_tokenizer(path: Path, tokenizer_json: str | None) -> bool:
+    """Whether the checkpoint's tokenizer.json is `tokenizer_json` (True when either is unknown)."""
+    if tokenizer_json is None or not (path / "tokenizer.json").is_file():
+        return True
+    try:
+        return json.loads((path / "tokenizer.json").read_text()) == json.loads(tokenizer_json)
+    except (ValueError, UnicodeDecodeError):
+        raise CheckpointError(f"checkpoint {path}: tokenizer.json is unreadable") from None
 
 
 def restore(path: Path, load_full_state: Callable[[dict, dict], None], rank: int) -> TrainState:

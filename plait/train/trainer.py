@@ -9,6 +9,7 @@ the mean loss over the global batch whatever dp and gradient accumulation are.
 
 from __future__ import annotations
 
+import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ import numpy as np
 import torch
 
 from plait import config as config_mod
+from plait import errors
 from plait.config import Config, accumulation_steps
 from plait.data import GlobalSampler, PreparedData, ensure_prepared, eval_starts, get_batch, load_data
 from plait.lowcomm import training as lowcomm
@@ -34,6 +36,7 @@ from plait.train.metrics import Progress, RunLog
 from plait.train.lr_schedule import lr_at
 from plait.train.moe_aux import build_moe_aux
 from plait.train.resume import TrainState, check_compatible, checkpoint_files, choose_checkpoint, restore
+from plait.train.rundir import write_marker, write_text_atomic
 from plait.train.runtime import Runtime, init_runtime, peak_memory_bytes
 from plait.train.sample import generate
 from plait.trace import COLLECTIVE, TraceRecorder, trace_file_name
@@ -86,6 +89,8 @@ class Trainer:
                 self.parallel.runner.trace = self.trace
         self.state = TrainState()
         self.resilience = Resilience(cfg, run_dir, runtime, self.comm, self.mesh)
+        self.started = False  # set once the resume is accepted and the run directory may be written
+        self.warned_not_finite = False
 
     # --- setup ----------------------------------------------------------------------------
     def _load_data(self) -> PreparedData:
@@ -96,25 +101,34 @@ class Trainer:
         return load_data(self.cfg.data, self.cfg.model.vocab_size, self.cfg.model.seq_len)
 
     def start(self) -> None:
-        """Write the resolved config, then resume from the newest valid checkpoint if there is one."""
-        if self.rt.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.toml").write_text(config_mod.to_toml(self.cfg))
+        """Resume from the newest valid checkpoint if there is one, then write the resolved config.
+
+        Nothing in the run directory changes until the resume is accepted: a refused one (another
+        model, another tokenizer, resume=never beside checkpoints) leaves it byte for byte as it was.
+        """
         chosen, source = None, "disk"
         if self.rt.is_main:
             try:
                 path, rejected = choose_checkpoint(self.cfg, self.run_dir)
                 path, rejected, source = self.resilience.prefer_snapshot(path, rejected)
-                warnings = check_compatible(path, self.cfg) if path else []
+                warnings = check_compatible(path, self.cfg, self.data.tokenizer.to_json()) if path else []
                 chosen = ("ok", str(path) if path else None, [(str(p), why) for p, why in rejected], warnings)
             except Exception as exc:  # every rank must hear about it, or the others would hang
                 chosen = ("error", f"{type(exc).__name__}", str(exc), [])
         chosen = self.comm.broadcast_object(chosen, 0, self.mesh.world)
         if chosen[0] == "error":
-            from plait import errors
-
             raise getattr(errors, chosen[1], errors.CheckpointError)(chosen[2])
         _, path, rejected, warnings = chosen
+        if path is not None:
+            self.state = restore(Path(path), self.parallel.load_full_state, self.rt.rank)
+            if self.lowcomm is not None:
+                lowcomm.restore_local_state(self.lowcomm, Path(path), self.mesh.describe(), self.rt.rank)
+        # Accepted: from here on the run directory is written.
+        self.started = True
+        if self.rt.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            write_marker(self.run_dir)
+            write_text_atomic(self.run_dir / "config.toml", config_mod.to_toml(self.cfg))
         for bad, why in rejected:
             self.log.event("checkpoint_corrupt", path=bad, reason=why)
             self._say(f"warning: checkpoint {bad} is unusable ({why}); falling back to the previous one")
@@ -123,9 +137,6 @@ class Trainer:
             self._say(f"warning: {warning}")
         dropped = 0
         if path is not None:
-            self.state = restore(Path(path), self.parallel.load_full_state, self.rt.rank)
-            if self.lowcomm is not None:
-                lowcomm.restore_local_state(self.lowcomm, Path(path), self.mesh.describe(), self.rt.rank)
             dropped = self.log.truncate_metrics(self.state.step)
             self.log.event("resumed", checkpoint=path, step=self.state.step, dropped_metric_rows=dropped)
             self._say(f"resumed from {path} at step {self.state.step}")
@@ -140,6 +151,16 @@ class Trainer:
             f"on {self.rt.device.type}, accumulation {self.accum}; {self.data.description}"
         )
         self._say(f"compute: {self.compute.describe()}")
+
+    def _warn_once_if_not_finite(self, step: int, loss: float) -> None:
+        """Say it (once per run) when the loss turns NaN or infinite; the JSON files record null."""
+        if math.isfinite(loss) or self.warned_not_finite:
+            return
+        self.warned_not_finite = True
+        message = (f"the training loss is {loss} at step {step} (metrics.jsonl records null); "
+                   "a learning rate too high (optim.lr) or bad data are the usual causes")
+        self.log.event("warning", message=message, step=step)
+        self._say(f"warning: {message}")
 
     def _trace_collective(self, record) -> None:
         if record.op in ("send", "recv"):  # the pipeline runner traces its own messages
@@ -277,6 +298,7 @@ class Trainer:
                     row["val_loss"] = result.val_loss = self.evaluate()
                     self.log.event("evaluation", step=step, val_loss=row["val_loss"])
                 self.log.metrics(row)
+                self._warn_once_if_not_finite(step, loss)
                 result.losses.append(loss)
                 progress.update(step, loss, tokens_per_s, row.get("val_loss"))
                 if step == cfg.train.steps or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
@@ -348,7 +370,12 @@ def train(cfg: Config, run_dir: Path) -> TrainResult:
             trainer._say(f"\n--- sample after {result.final_step} steps ---\n{result.sample}\n---")
         return result
     except Exception as exc:
-        trainer.log.event("error", error_type=type(exc).__name__, message=str(exc).splitlines()[0] if str(exc) else "")
+        if trainer.started:  # a refused start leaves the run directory as it was
+            try:
+                trainer.log.event("error", error_type=type(exc).__name__,
+                                  message=str(exc).splitlines()[0] if str(exc) else "")
+            except OSError:
+                pass  # the full disk that ended the run refuses this line too; the error itself goes on
         raise
     finally:
         trainer.close()
