@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import tomllib
 import types
 import typing
@@ -148,6 +149,7 @@ class DataConfig:
     tokenizer: Literal["byte", "bpe"] = "byte"
     val_fraction: float = 0.05
     cache_dir: str = ""  # "": $PLAIT_CACHE or ~/.cache/plait
+    encoding: str = "utf-8"  # of a text file or folder corpus: any text codec Python knows, e.g. latin-1
 
 
 @dataclass
@@ -155,6 +157,9 @@ class CheckpointConfig:
     every: int = 0  # steps between checkpoints; 0: only at the end
     keep: int = 3  # newest checkpoints kept on disk
     resume: str = "auto"  # "auto" | "never" | a checkpoint directory
+    # Resume even though the tokenizer changed since the checkpoint (its token ids then mean
+    # other text): only when the user asks for it, as when moving a model to a new corpus.
+    reset_data: bool = False
 
 
 @dataclass
@@ -186,6 +191,8 @@ class ResilienceConfig:
     slow_k: float = 8.0  # a rank is slow when its lateness exceeds the median by slow_k MADs ...
     slow_window: int = 8  # ... over this many steps (and by at least slow_min_fraction of a step)
     slow_min_fraction: float = 0.1
+    # ... and by at least this many seconds: scheduling jitter on a loaded CPU is never "slow"
+    slow_min_s: float = 0.05
     # elastic: how long rank 0 holds the shrunken group at a step boundary for a replacement
     # that the launcher has started but that has not registered yet; 0: do not wait
     grow_wait_s: float = 0.0
@@ -210,6 +217,66 @@ class Config:
 SECTIONS = {f.name: f.type for f in dataclasses.fields(Config) if f.name != "name"}
 
 
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric field may take, and how an error message says so."""
+
+    low: float
+    high: float = math.inf
+    low_open: bool = False  # True: `low` itself is not allowed
+    high_open: bool = False
+    text: str = ""
+
+    def __contains__(self, value: float) -> bool:
+        # Written so that NaN, which compares false with everything, is never inside.
+        above = value > self.low if self.low_open else value >= self.low
+        below = value < self.high if self.high_open else value <= self.high
+        return above and below
+
+
+YEAR_S = 365 * 24 * 3600  # a longer wait is a typo (and far longer ones overflow timedelta and sleep)
+AT_LEAST_1 = Range(1, text="must be at least 1")
+NOT_NEGATIVE = Range(0, text="must not be negative")
+POSITIVE = Range(0, low_open=True, text="must be > 0")
+FRACTION = Range(0, 1, high_open=True, text="must lie in [0, 1)")
+OPEN_FRACTION = Range(0, 1, low_open=True, high_open=True, text="must lie strictly between 0 and 1")
+DURATION = Range(0, YEAR_S, low_open=True, text=f"must be > 0 and at most a year ({YEAR_S} s)")
+DURATION_OR_OFF = Range(0, YEAR_S, text=f"must lie between 0 and a year ({YEAR_S} s)")
+
+# Every numeric field and the values it may take (each item of a tuple, such as optim.betas).
+# Fields where 0 means "derive it", "off" or "none" are NOT_NEGATIVE. Cross-field rules
+# (min_lr <= lr, top_k <= n_experts, ...) stay in `validate`.
+RANGES: dict[str, Range] = {
+    **dict.fromkeys([
+        "model.dim", "model.n_layers", "model.n_heads", "model.n_kv_heads", "model.ffn_dim",
+        "model.vocab_size", "model.seq_len", "model.top_k", "model.moe_every",
+        "parallel.tp", "parallel.pp", "parallel.pp_virtual_stages", "parallel.cp", "parallel.ep", "parallel.etp",
+        "train.steps", "train.global_batch", "train.eval_batches", "train.ce_chunk_tokens",
+        "optim.rank", "optim.update_proj_gap", "sync.inner_steps", "sync.fragments", "sync.group_size",
+        "compression.rank", "compression.adjust_every", "checkpoint.keep", "log.every",
+    ], AT_LEAST_1),
+    **dict.fromkeys([
+        "model.n_experts", "model.n_shared_experts", "model.moe_ffn_dim", "model.capacity_factor",
+        "parallel.dp", "parallel.pp_microbatches", "parallel.zero",
+        "train.micro_batch", "train.seed", "train.eval_every", "train.sample_tokens", "train.threads",
+        "train.lbl_coef", "train.z_loss_coef",
+        "optim.min_lr", "optim.warmup_steps", "optim.weight_decay", "optim.grad_clip",
+        "sync.clip", "compression.warmup_steps", "checkpoint.every",
+        "resilience.max_restarts", "resilience.snapshot_every", "resilience.slow_window",
+    ], NOT_NEGATIVE),
+    **dict.fromkeys([
+        "model.rope_theta", "model.norm_eps", "parallel.bucket_mb", "optim.lr", "optim.eps", "optim.scale",
+        "sync.outer_lr", "sync.gap_penalty", "compression.min_compression", "resilience.slow_k",
+    ], POSITIVE),
+    **dict.fromkeys(["optim.betas", "optim.momentum", "sync.outer_momentum", "resilience.slow_min_fraction"],
+                    FRACTION),
+    "data.val_fraction": OPEN_FRACTION,
+    "parallel.timeout_s": DURATION,
+    "resilience.heartbeat_s": DURATION,
+    **dict.fromkeys(["resilience.hang_s", "resilience.grow_wait_s", "resilience.slow_min_s"], DURATION_OR_OFF),
+}
+
+
 def preset_names() -> list[str]:
     files = resources.files("plait.configs").iterdir()
     return sorted(p.name[: -len(".toml")] for p in files if p.name.endswith(".toml"))
@@ -223,7 +290,10 @@ def load_config(source: str | None = None, overrides: list[str] | tuple[str, ...
         if not path.is_file():
             raise ConfigError(f"config file '{source}' does not exist")
         try:
-            raw = tomllib.loads(path.read_text())
+            raw = tomllib.loads(path.read_bytes().decode("utf-8"))  # TOML is UTF-8 by definition
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"config file '{source}' is not UTF-8 text "
+                              f"(byte 0x{exc.object[exc.start]:02x} at offset {exc.start}), as TOML must be") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file '{source}' is not valid TOML: {exc}") from None
         raw.setdefault("name", path.stem)
@@ -244,7 +314,7 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
     cfg = Config()
     for key, value in raw.items():
         if key == "name":
-            cfg.name = _coerce("name", value, str)
+            cfg.name = plain_name(value)
         elif key in SECTIONS:
             if not isinstance(value, dict):
                 raise ConfigError(f"[{key}] must be a table of settings, got {value!r}")
@@ -253,6 +323,15 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
         else:
             raise ConfigError(_unknown(key, ["name", *SECTIONS]))
     return cfg
+
+
+def plain_name(value: Any) -> str:
+    """`name` names the default run directory runs/<name>: a plain file name, never a path."""
+    name = _coerce("name", value, str)
+    if name in ("", ".", "..") or any(c in name for c in "/\\\0") or Path(name).is_absolute():
+        raise ConfigError(f"name={name!r} must be a plain file name (no '/', '\\', '..' or absolute path), "
+                          "as it names the run directory runs/<name>")
+    return name
 
 
 def apply_override(cfg: Config, item: str) -> None:
@@ -268,7 +347,7 @@ def set_field(cfg: Config, dotted: str, value: Any) -> None:
     section_name, _, key = dotted.partition(".")
     if section_name not in SECTIONS or not key:
         if dotted == "name":
-            cfg.name = _coerce("name", value, str)
+            cfg.name = plain_name(value)
             return
         raise ConfigError(_unknown(dotted, [f"{s}.*" for s in SECTIONS]))
     section = getattr(cfg, section_name)
@@ -317,11 +396,18 @@ def _coerce(name: str, value: Any, annotation: Any) -> Any:
     if annotation is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{name}={value!r} must be an integer")
+        if not -(2**63) <= value < 2**63:  # tomllib reads any size; torch and numpy take 64 bits
+            raise ConfigError(f"{name}={value} does not fit in 64 bits")
         return value
     if annotation is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{name}={value!r} must be a number")
-        return float(value)
+        # TOML has nan and inf literals, and an integer can be too large for a float; no
+        # setting means any of them.
+        number = float(value) if not isinstance(value, int) or abs(value) < 2**1023 else math.inf
+        if not math.isfinite(number):
+            raise ConfigError(f"{name}={value!r} must be a finite number")
+        return number
     if annotation is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             raise ConfigError(f"{name}={value!r} must be a string")
@@ -335,52 +421,48 @@ def _unknown(key: str, known: list[str]) -> str:
     return f"unknown config key '{key}'{hint}"
 
 
+def check_ranges(cfg: Config) -> None:
+    """Raise ConfigError for the first numeric field outside its `RANGES` entry or not finite."""
+    for section_name in SECTIONS:
+        section = getattr(cfg, section_name)
+        for spec in dataclasses.fields(section):
+            dotted, value = f"{section_name}.{spec.name}", getattr(section, spec.name)
+            items = value if isinstance(value, (tuple, list)) else (value,)
+            numbers = [v for v in items if isinstance(v, (int, float)) and not isinstance(v, bool)]
+            shown = list(value) if isinstance(value, tuple) else value
+            # A config built in code skips `_coerce`, so finiteness is checked here too.
+            if any(isinstance(v, float) and not math.isfinite(v) for v in numbers):
+                raise ConfigError(f"{dotted}={shown} must be a finite number")
+            allowed = RANGES.get(dotted)
+            if allowed is not None and not all(v in allowed for v in numbers):
+                raise ConfigError(f"{dotted}={shown} {allowed.text}")
+
+
+def check_encoding(name: str) -> None:
+    """Raise ConfigError unless `name` is a text codec Python knows (base64 and rot13 are not)."""
+    try:
+        "".encode(name)  # raises for a non-text codec even on empty input, unlike b"".decode
+    except (LookupError, UnicodeError):  # UnicodeError: the codec named "undefined"
+        raise ConfigError(f"data.encoding={name!r} is not a text encoding Python knows "
+                          "(e.g. utf-8, latin-1, cp1252, utf-16)") from None
+
+
 def validate(cfg: Config, world_size: int) -> Config:
     """Check every cross-field constraint for a job of `world_size` processes; resolve derived values.
 
     Returns the same Config with `parallel.dp` and `train.micro_batch` filled in.
     """
     m, p, t, o = cfg.model, cfg.parallel, cfg.train, cfg.optim
-    positive = {
-        "model.dim": m.dim, "model.n_layers": m.n_layers, "model.n_heads": m.n_heads,
-        "model.n_kv_heads": m.n_kv_heads, "model.ffn_dim": m.ffn_dim,
-        "model.vocab_size": m.vocab_size, "model.seq_len": m.seq_len,
-        "parallel.tp": p.tp, "parallel.pp": p.pp, "parallel.cp": p.cp, "parallel.ep": p.ep,
-        "train.steps": t.steps, "train.global_batch": t.global_batch,
-        "train.eval_batches": t.eval_batches, "checkpoint.keep": cfg.checkpoint.keep,
-        "log.every": cfg.log.every,
-    }
-    for name, value in positive.items():
-        if value < 1:
-            raise ConfigError(f"{name}={value} must be at least 1")
-    non_negative = {
-        "parallel.dp": p.dp, "parallel.zero": p.zero, "train.micro_batch": t.micro_batch,
-        "train.eval_every": t.eval_every, "train.sample_tokens": t.sample_tokens,
-        "train.threads": t.threads, "optim.warmup_steps": o.warmup_steps,
-        "optim.weight_decay": o.weight_decay, "optim.grad_clip": o.grad_clip,
-        "checkpoint.every": cfg.checkpoint.every, "optim.min_lr": o.min_lr,
-    }
-    for name, value in non_negative.items():
-        if value < 0:
-            raise ConfigError(f"{name}={value} must not be negative")
+    check_ranges(cfg)
+    check_encoding(cfg.data.encoding)
     if m.dim % m.n_heads:
         raise ConfigError(f"model.dim={m.dim} is not divisible by model.n_heads={m.n_heads}")
     if (m.dim // m.n_heads) % 2:
         raise ConfigError(f"model.dim / model.n_heads = {m.dim // m.n_heads} must be even for rotary embeddings")
     if m.n_heads % m.n_kv_heads:
         raise ConfigError(f"model.n_heads={m.n_heads} is not divisible by model.n_kv_heads={m.n_kv_heads}")
-    if m.rope_theta <= 0 or m.norm_eps <= 0:
-        raise ConfigError("model.rope_theta and model.norm_eps must be positive")
-    if o.lr <= 0:
-        raise ConfigError(f"optim.lr={o.lr} must be positive")
     if o.min_lr > o.lr:
         raise ConfigError(f"optim.min_lr={o.min_lr} is larger than optim.lr={o.lr}")
-    if not all(0 <= b < 1 for b in o.betas):
-        raise ConfigError(f"optim.betas={list(o.betas)} must lie in [0, 1)")
-    if not 0 < cfg.data.val_fraction < 1:
-        raise ConfigError(f"data.val_fraction={cfg.data.val_fraction} must lie strictly between 0 and 1")
-    if p.bucket_mb <= 0 or p.timeout_s <= 0:
-        raise ConfigError("parallel.bucket_mb and parallel.timeout_s must be positive")
     if cfg.checkpoint.resume not in ("auto", "never") and not cfg.checkpoint.resume:
         raise ConfigError("checkpoint.resume must be auto, never, or a checkpoint directory")
 
@@ -399,8 +481,6 @@ def validate(cfg: Config, world_size: int) -> Config:
         raise ConfigError(f"parallel.zero={p.zero} must be 0, 1, 2 or 3")
     if p.zero == 3 and t.compile:
         raise ConfigError("train.compile=true with parallel.zero=3 is not yet supported")
-    if t.ce_chunk_tokens < 1:
-        raise ConfigError(f"train.ce_chunk_tokens={t.ce_chunk_tokens} must be at least 1")
     if t.chunked_ce == "on" and (p.tp > 1 or p.pp > 1 or p.zero == 3):
         raise ConfigError("train.chunked_ce=on needs parallel.tp=1, pp=1 and zero<3 "
                           "(tensor parallelism has its own vocab-parallel loss)")
@@ -436,18 +516,6 @@ def _validate_resilience(cfg: Config) -> None:
     from plait.resilience.inject import parse_faults  # imported here: it imports this module's errors
 
     r = cfg.resilience
-    for name in ("max_restarts", "snapshot_every", "slow_window"):
-        if getattr(r, name) < 0:
-            raise ConfigError(f"resilience.{name}={getattr(r, name)} must not be negative")
-    if r.grow_wait_s < 0:
-        raise ConfigError(f"resilience.grow_wait_s={r.grow_wait_s} must not be negative")
-    for name in ("heartbeat_s", "slow_k"):
-        if getattr(r, name) <= 0:
-            raise ConfigError(f"resilience.{name}={getattr(r, name)} must be positive")
-    if r.hang_s < 0:
-        raise ConfigError(f"resilience.hang_s={r.hang_s} must not be negative")
-    if not 0 <= r.slow_min_fraction < 1:
-        raise ConfigError(f"resilience.slow_min_fraction={r.slow_min_fraction} must lie in [0, 1)")
     parse_faults(cfg.fault.inject)  # raises ConfigError naming fault.inject
 
 
@@ -455,17 +523,10 @@ def _validate_moe(cfg: Config) -> None:
     """Mixture of experts: the layer's settings and the expert-parallel layout (parallel folding:
     ep divides the tp x cp x dp ranks of a pipeline stage, it does not multiply them)."""
     m, p, t = cfg.model, cfg.parallel, cfg.train
-    if m.n_experts < 0:
-        raise ConfigError(f"model.n_experts={m.n_experts} must not be negative")
     if not 1 <= m.top_k <= m.n_experts:
         raise ConfigError(f"model.top_k={m.top_k} must lie between 1 and model.n_experts={m.n_experts}")
     if not 1 <= m.moe_every <= m.n_layers:
         raise ConfigError(f"model.moe_every={m.moe_every} must lie between 1 and model.n_layers={m.n_layers}")
-    for name, value in {"model.n_shared_experts": m.n_shared_experts, "model.moe_ffn_dim": m.moe_ffn_dim,
-                        "model.capacity_factor": m.capacity_factor, "train.lbl_coef": t.lbl_coef,
-                        "train.z_loss_coef": t.z_loss_coef}.items():
-        if value < 0:
-            raise ConfigError(f"{name}={value} must not be negative")
     if p.etp != 1:
         raise ConfigError(f"parallel.etp={p.etp} is not yet supported (experts are not tensor-parallel; use 1)")
     folded = p.tp * p.cp * p.dp
@@ -487,23 +548,12 @@ def _validate_moe(cfg: Config) -> None:
 
 
 def _validate_low_communication(cfg: Config) -> None:
-    p, t, o, s, c = cfg.parallel, cfg.train, cfg.optim, cfg.sync, cfg.compression
-    if o.name == "sgd" and not 0 <= o.momentum < 1:
-        raise ConfigError(f"optim.momentum={o.momentum} must lie in [0, 1)")
-    if o.name == "galore":
-        if o.rank < 1 or o.update_proj_gap < 1 or o.scale <= 0:
-            raise ConfigError("optim.rank and optim.update_proj_gap must be at least 1 and optim.scale positive")
-        if p.zero != 0 or p.tp != 1:
-            raise ConfigError("optim.name=galore needs whole matrices: parallel.zero=0 and parallel.tp=1")
+    p, t, o, s = cfg.parallel, cfg.train, cfg.optim, cfg.sync
+    if o.name == "galore" and (p.zero != 0 or p.tp != 1):
+        raise ConfigError("optim.name=galore needs whole matrices: parallel.zero=0 and parallel.tp=1")
     if t.sync != "every_step":
-        if s.inner_steps < 1:
-            raise ConfigError(f"sync.inner_steps={s.inner_steps} must be at least 1")
-        if s.outer_lr <= 0 or not 0 <= s.outer_momentum < 1:
-            raise ConfigError("sync.outer_lr must be positive and sync.outer_momentum in [0, 1)")
         if not 1 <= s.fragments <= s.inner_steps:
             raise ConfigError(f"sync.fragments={s.fragments} must lie between 1 and sync.inner_steps={s.inner_steps}")
-        if s.group_size < 1 or s.clip < 0 or s.gap_penalty <= 0:
-            raise ConfigError("sync.group_size must be at least 1, sync.clip not negative, sync.gap_penalty positive")
         if p.zero == 3:
             raise ConfigError(f"train.sync={t.sync} with parallel.zero=3 is not supported (workers keep whole weights)")
         if p.grad_compression != "none":
@@ -512,9 +562,6 @@ def _validate_low_communication(cfg: Config) -> None:
         if p.zero != 0:
             raise ConfigError(f"parallel.grad_compression={p.grad_compression} needs parallel.zero=0 "
                               "(it replaces the all-reduce of whole gradients)")
-        if c.rank < 1 or c.warmup_steps < 0 or c.adjust_every < 1 or c.min_compression <= 0:
-            raise ConfigError("compression.rank and compression.adjust_every must be at least 1, "
-                              "compression.warmup_steps not negative, compression.min_compression positive")
 
 
 def _validate_pipeline(cfg: Config) -> None:

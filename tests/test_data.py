@@ -217,7 +217,7 @@ def test_uint32_token_file(tmp_path):
     tokens, meta, _ = read_token_file(resolve_corpus(str(out)))
     assert (meta["dtype"], tokens.dtype) == ("uint32", np.uint32)
     assert tokens.tolist() == ids.tolist()
-    data = load_data(DataConfig(corpus=str(out)), vocab_size=256, seq_len=4)
+    data = load_data(DataConfig(corpus=str(out)), vocab_size=70_000, seq_len=4)  # every id must fit the model
     assert data.val.tolist() == [65_536, 69_999, 0, 65_535] * 2 + [65_536, 69_999]
     assert data.description == f"{out}: 40 tokens -> 30 train / 10 val tokens (byte)"
 

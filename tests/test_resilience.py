@@ -96,7 +96,7 @@ def test_usage_error_in_a_worker_is_not_restarted(tmp_path):
     assert result.returncode == 2, result.stderr[-2000:]
     lines = [line for line in result.stderr.splitlines() if line.startswith("plait:")]
     assert lines == [lines[0]] and "checkpoint.resume=never" in lines[0]  # said once, no fault reported
-    assert not read(tmp_path / "run" / "metrics.jsonl")  # not a step trained
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()  # not a step trained, nothing written
 
 
 def test_healthy_100_step_run_raises_no_alarm(tmp_path):

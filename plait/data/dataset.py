@@ -7,10 +7,13 @@ Caches, all keyed by the corpus's content hash and written atomically:
   <name>-<hash>-<byte|bpeV>-f<F>.bin(.json)    the token file, same format as `plait prepare`
 They live in `<path>.plait-cache/` beside a user's file or folder when that is writable,
 otherwise (and for the built-in corpora) in data.cache_dir, $PLAIT_CACHE or ~/.cache/plait.
+Cache folders are created owner-only (0700), and one that is a symbolic link is refused
+rather than written through (someone else could have planted it).
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -53,7 +56,7 @@ class PreparedData:
 
 def check_corpus(data_cfg: DataConfig) -> None:
     """Cheap pre-launch check: the corpus exists and holds something."""
-    check_nonempty(resolve_corpus(data_cfg.corpus))
+    check_nonempty(resolve_corpus(data_cfg.corpus, encoding=data_cfg.encoding))
 
 
 def check_vocab(tokenizer: str, vocab_size: int, field: str = "model.vocab_size") -> None:
@@ -72,17 +75,47 @@ def cache_root(data_cfg: DataConfig) -> Path:
     return Path(data_cfg.cache_dir or os.environ.get("PLAIT_CACHE") or "~/.cache/plait").expanduser()
 
 
+def private_dir(path: Path, parents: bool = False, own_links: bool = False) -> os.stat_result:
+    """Create `path` owner-only (0700) if it is missing; refuse it if it is a symbolic link.
+
+    Returns the folder's stat. An existing folder keeps its mode: a shared cache may be
+    shared on purpose. Only the last component is checked; links above it are the user's.
+    With `own_links`, a link this user made (the global cache pointed at a bigger disk) is
+    followed; one anybody else made is still refused.
+    """
+    if own_links and path.is_symlink() and os.lstat(path).st_uid == os.getuid():
+        path = path.resolve()
+    try:
+        path.mkdir(mode=0o700, parents=parents)
+    except FileExistsError:
+        pass
+    try:
+        # O_NOFOLLOW refuses a link in the same call that checks a folder is there.
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError as exc:
+        # Linux says ENOTDIR for a link under O_DIRECTORY, others ELOOP; lstat tells them apart.
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR) and path.is_symlink():
+            raise DataError(f"cache folder '{path}' is a symbolic link, which plait does not write through; "
+                            "set data.cache_dir (or $PLAIT_CACHE) to a real folder") from None
+        raise  # a file in the way: an OSError naming it, as for any other machine problem
+    try:
+        return os.fstat(fd)
+    finally:
+        os.close(fd)
+
+
 def corpus_cache_dir(corpus: Corpus, root: Path) -> Path:
-    """`<path>.plait-cache/` beside a user's corpus when we may write there, else `root`."""
+    """`<path>.plait-cache/` beside a user's corpus when it is ours and writable, else `root`."""
     if corpus.kind in ("file", "folder") and corpus.path is not None:
         beside = corpus.path.with_name(corpus.path.name + ".plait-cache")
         try:
-            beside.mkdir(exist_ok=True)
-            if os.access(beside, os.W_OK):
-                return beside
+            owner = private_dir(beside).st_uid
         except OSError:
-            pass
-    root.mkdir(parents=True, exist_ok=True)
+            owner = None  # e.g. a read-only folder: the global cache instead
+        # Another user's folder there (made before ours) could have its files swapped under us.
+        if owner == os.getuid() and os.access(beside, os.W_OK):
+            return beside
+    private_dir(root, parents=True, own_links=True)  # the user's own choice of folder
     return root
 
 
@@ -114,7 +147,10 @@ def get_tokenizer(name: str, vocab_size: int, text: str, val_fraction: float, pa
     if name == "byte":
         return ByteTokenizer()
     if path.is_file():
-        return tokenizer_from_json(path.read_text())
+        try:
+            return tokenizer_from_json(path.read_text())
+        except DataError as exc:
+            raise DataError(f"cache file '{path}': {exc}; delete it to train the tokenizer again") from None
     # Train on the text before the validation split so validation loss stays honest. The cut
     # is by characters; the token split is made later by count, so they differ by a few tokens.
     train_text = text[: len(text) - int(len(text) * val_fraction)]
@@ -131,7 +167,7 @@ def tokenize(tokenizer: Tokenizer, text: str, val_fraction: float) -> tuple[np.n
 
 def _prepare(data_cfg: DataConfig, vocab_size: int) -> Corpus:
     """Build any missing cache; return the token file to read as a `bin` Corpus."""
-    corpus = resolve_corpus(data_cfg.corpus)
+    corpus = resolve_corpus(data_cfg.corpus, encoding=data_cfg.encoding)
     check_nonempty(corpus)
     if corpus.kind == "bin":
         return corpus
@@ -165,9 +201,16 @@ def load_data(data_cfg: DataConfig, vocab_size: int, seq_len: int) -> PreparedDa
             f"model.vocab_size={vocab_size} is smaller than the {tokenizer.name} tokenizer's "
             f"{tokenizer.vocab_size} tokens in '{spec}'"
         )
+    is_bin = resolve_corpus(spec).kind == "bin"
+    # An id past the embedding table would fail deep inside the model (or read garbage on a
+    # GPU); one pass over the memory map finds it first. Caches hold only the ids of the
+    # tokenizer checked above, so only a user's token file needs the pass.
+    largest = int(tokens.max()) if is_bin and len(tokens) else -1
+    if largest >= vocab_size:
+        raise token_file.error(f"holds token id {largest:,}, but model.vocab_size={vocab_size} allows ids "
+                               f"below {vocab_size:,}; raise model.vocab_size or re-run plait prepare")
     val_start = meta["val_start"]
     train, val = tokens[:val_start], tokens[val_start:]
-    is_bin = resolve_corpus(spec).kind == "bin"
     hints = {
         "training": "use a larger corpus or a smaller model.seq_len",
         "validation": "re-run plait prepare with a larger --val-fraction" if is_bin

@@ -28,6 +28,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab-size", type=int, default=None,
                    help=f"BPE vocabulary size (default {DEFAULT_BPE_VOCAB}; byte is always 256)")
     p.add_argument("--val-fraction", type=float, default=0.05, help="share of tokens held out for validation")
+    p.add_argument("--encoding", default="utf-8",
+                   help="the text's encoding, as data.encoding (default utf-8; e.g. latin-1)")
     p.add_argument("--cache-dir", default="", help="where built-in corpora cache their BPE (default $PLAIT_CACHE)")
     return p
 
@@ -45,7 +47,7 @@ def main(argv: list[str]) -> int:
     # a token file that a run is reading.
     check_output_file(out, "-o", args.force)
     check_output_file(sidecar_path(out), "-o", args.force)
-    corpus = resolve_corpus(args.input, field="INPUT")
+    corpus = resolve_corpus(args.input, field="INPUT", encoding=args.encoding)
     if corpus.kind == "bin":
         raise DataError(f"INPUT: '{args.input}' is already a token file")
     check_nonempty(corpus)

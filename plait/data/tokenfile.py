@@ -18,6 +18,7 @@ import numpy as np
 
 from plait.data.corpus import Corpus
 from plait.data.tokenizer import Tokenizer, dtype_for_vocab, tokenizer_from_json
+from plait.errors import DataError
 
 FORMAT = "plait-tokens"
 VERSION = 1
@@ -91,8 +92,14 @@ def read_sidecar(corpus: Corpus) -> dict:
 def read_token_file(corpus: Corpus) -> tuple[np.ndarray, dict, Tokenizer]:
     """Memory-map a .bin corpus: (all tokens, sidecar, tokenizer)."""
     meta = read_sidecar(corpus)
+    try:
+        tokenizer = tokenizer_from_json(json.dumps(meta["tokenizer"]))
+    except DataError as exc:
+        assert corpus.path is not None
+        raise corpus.error(f"has a sidecar '{sidecar_path(corpus.path).name}' whose {exc}; "
+                           "re-run plait prepare") from None
     if meta["n_tokens"] == 0:
         tokens = np.zeros(0, dtype=meta["dtype"])  # np.memmap refuses empty files
     else:
         tokens = np.memmap(corpus.path, dtype=meta["dtype"], mode="r", shape=(meta["n_tokens"],))
-    return tokens, meta, tokenizer_from_json(json.dumps(meta["tokenizer"]))
+    return tokens, meta, tokenizer

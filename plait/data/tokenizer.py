@@ -12,6 +12,8 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
+from plait.errors import DataError
+
 # Encoding one multi-megabyte string in a single call is slow and single-threaded;
 # chunks cut at newlines let `encode_batch` use every core.
 # 16K characters measured fastest (1<<20 was 4x slower). Changing it changes token files.
@@ -70,15 +72,23 @@ class BpeTokenizer:
 
 
 def tokenizer_from_json(text: str) -> Tokenizer:
-    obj = json.loads(text)
-    kind = obj.get("type")
+    """Rebuild a tokenizer from its `to_json`; DataError (callers add the file) if it is none."""
+    try:
+        obj = json.loads(text)
+    except ValueError:
+        raise DataError("tokenizer is not valid JSON") from None
+    kind = obj.get("type") if isinstance(obj, dict) else None
     if kind == "byte":
         return ByteTokenizer()
     if kind == "bpe":
         from tokenizers import Tokenizer as HfTokenizer
 
-        return BpeTokenizer(HfTokenizer.from_str(json.dumps(obj["tokenizers"])))
-    raise ValueError(f"unknown tokenizer type {kind!r}")
+        try:
+            return BpeTokenizer(HfTokenizer.from_str(json.dumps(obj.get("tokenizers"))))
+        except Exception as exc:  # the library raises a bare Exception for a malformed definition
+            reason = (str(exc).splitlines() or ["malformed"])[0]
+            raise DataError(f"bpe tokenizer does not load ({reason})") from None
+    raise DataError(f"tokenizer type {kind!r} is unknown (plait knows byte and bpe)")
 
 
 def text_chunks(text: str, size: int = _CHUNK_CHARS) -> Iterator[str]:

@@ -60,6 +60,9 @@ def is_plait_run(folder: Path) -> bool:
     """Whether `folder` (an existing directory) was written by plait training."""
     if (folder / MARKER_FILE).is_file():
         return True
+    # plait's checkpoints (step folders with a manifest) mark a run folder, with or without the rest.
+    if any((step / "manifest.json").is_file() for step in (folder / "checkpoints").glob("step-*")):
+        return True
     config = folder / "config.toml"
     if not config.is_file() or not any((folder / name).exists() for name in LEGACY_RUN_FILES):
         return False
