@@ -117,11 +117,16 @@ def shm_entries() -> set[str]:
     return found
 
 
-def temp_entries(job_id: str = "") -> set[str]:
-    """The job's private temporary folders (any job's when `job_id` is empty), and torch's."""
+def temp_entries(job_id: str) -> set[str]:
+    """The job's private temporary folders."""
     tmp = Path(os.environ.get("TMPDIR", "/tmp"))
-    prefixes = (f"plait-{job_id}" if job_id else "plait-", "torchelastic_")
-    return {p.name for p in tmp.iterdir() if p.name.startswith(prefixes)}
+    return {p.name for p in tmp.iterdir() if p.name.startswith(f"plait-{job_id}")}
+
+
+def torch_elastic_entries() -> set[str]:
+    """What torch's elastic agent leaves in the temporary folder (plait's launcher is not it)."""
+    tmp = Path(os.environ.get("TMPDIR", "/tmp"))
+    return {p.name for p in tmp.iterdir() if p.name.startswith("torchelastic_")}
 
 
 def job_id_of(proc: subprocess.Popen) -> str:
@@ -140,7 +145,7 @@ def job_id_of(proc: subprocess.Popen) -> str:
 def running_job(tmp_path_factory):
     """A 2-process job in restart mode with snapshots every 2 steps, stopped at ~step 3."""
     run_dir = tmp_path_factory.mktemp("job") / "run"
-    before = (shm_entries(), temp_entries())
+    before = (shm_entries(), torch_elastic_entries())
     proc = start_job(run_dir, "train.steps=2000", "resilience.snapshot_every=2", "checkpoint.every=0",
                      "resilience.heartbeat_s=0.1")
     try:
@@ -164,7 +169,7 @@ def test_every_listening_socket_of_a_job_is_on_loopback(running_job):
 
 
 def test_sigkill_of_the_launcher_takes_the_workers_and_the_snapshots_with_it(running_job):
-    proc, run_dir, (shm_before, _) = running_job
+    proc, run_dir, (shm_before, elastic_before) = running_job
     workers, job_id = descendants(proc.pid) - {proc.pid}, job_id_of(proc)
     assert temp_entries(job_id)
     assert shm_entries() - shm_before, "the job keeps snapshots in /dev/shm while it runs"
@@ -176,6 +181,7 @@ def test_sigkill_of_the_launcher_takes_the_workers_and_the_snapshots_with_it(run
     assert not [p for p in workers if alive(p)]
     assert not shm_entries() - shm_before
     assert not temp_entries(job_id)
+    assert not torch_elastic_entries() - elastic_before
 
 
 def interrupt(tmp_path: Path, signum: int, whole_group: bool, mode: str, nproc: int
