@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 from common import MICRO_BATCH, MODEL, init_rank, make_batches, run_world, timed_steps
 from plait.config import OptimConfig
 from plait.model import build_model
-from plait.parallel.comm import Comm, Group
+from plait.comm import Comm, Group
 from plait.parallel.zero import ZeroEngine
 
 BUCKET_MB = 25.0  # DDP's default bucket_cap_mb

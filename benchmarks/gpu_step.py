@@ -46,7 +46,7 @@ from plait.kernels import chunked_cross_entropy, triton_usable
 from plait.mesh import Mesh, ParallelDims
 from plait.model import build_model
 from plait.model.llama import apply_rotary, rms_norm, rotary_tables, swiglu
-from plait.parallel.comm import Comm
+from plait.comm import Comm
 from plait.parallel.parallelize import parallelize
 from plait.train.compute import MicroBatchLoss, plan_compute
 from plait.train.flops import flops_per_token, peak_flops

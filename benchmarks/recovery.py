@@ -63,6 +63,7 @@ def overhead_worker(rank: int, world: int, store_path: str, block: int, pairs: i
     from common import init_rank
     from plait.config import load_config
     from plait.resilience.heartbeat import Watchdog
+    from plait.resilience.session import Resilience
     from plait.resilience.snapshot import remove_snapshots
     from plait.train.runtime import init_runtime
     from plait.train.trainer import Trainer
@@ -76,7 +77,8 @@ def overhead_worker(rank: int, world: int, store_path: str, block: int, pairs: i
         store = dist.TCPStore("127.0.0.1", port[0], is_master=False, wait_for_workers=False)
     steps = block * (3 * pairs + 1)
     cfg = load_config("tiny", BASE + [f"train.steps={steps}", "resilience.mode=restart"])
-    trainer = Trainer(cfg, Path(run_dir), init_runtime(cfg))
+    resilience = Resilience(cfg, Path(run_dir))
+    trainer = Trainer(cfg, Path(run_dir), init_runtime(cfg), hooks=[resilience])
     kinds = ("plain", "watchdog", "watchdog+snapshot")
     blocks: dict[str, list[float]] = {kind: [] for kind in kinds}
     step = 0
@@ -93,15 +95,15 @@ def overhead_worker(rank: int, world: int, store_path: str, block: int, pairs: i
             if watchdog is not None:
                 watchdog.end_step(step, time.perf_counter() - started)
                 if position == 0 and kind == "watchdog+snapshot":  # its write overlaps this block
-                    trainer.resilience.snapshot(trainer)
+                    resilience.snapshot(trainer)
             total += time.perf_counter() - started
         if watchdog is not None:
-            trainer.resilience._collect_writer(trainer.log, wait=True)
+            resilience._collect_writer(trainer.log, wait=True)
             watchdog.stop("done")
             trainer.comm.observers.remove(watchdog._on_collective)
         if index >= 0:
             blocks[kind].append(total)
-    remove_snapshots(trainer.resilience.root)
+    remove_snapshots(resilience.root)
     trainer.close()
     if rank == 0:
         queue.put(blocks)

@@ -47,7 +47,7 @@ from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInp
 
 from common import MICRO_BATCH, MODEL, init_rank, make_batches, run_world
 from plait.model import build_model
-from plait.parallel.comm import Comm, Group
+from plait.comm import Comm, Group
 from plait.parallel.tensor import apply_tensor_parallel, gather_full, vocab_parallel_cross_entropy
 
 CFG = dataclasses.replace(MODEL, tie_embeddings=False)

@@ -23,7 +23,7 @@ from torch.distributed.fsdp import fully_shard
 from common import MICRO_BATCH, MODEL, init_rank, make_batches, run_world, timed_steps
 from plait.config import OptimConfig
 from plait.model import build_model
-from plait.parallel.comm import Comm, Group
+from plait.comm import Comm, Group
 from plait.parallel.zero import ZeroEngine
 from plait.parallel.zero3 import Zero3Gatherer, transformer_units
 

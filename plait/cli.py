@@ -2,18 +2,26 @@
 
 Any PlaitError (bad config, data or checkpoint) ends the command with exit status 2 and
 one line on stderr naming the problem; nothing is printed twice by the ranks of a job.
+
+Modules that load torch are imported inside the commands that use them: torch takes about
+a second to import, and `plait --help` or `plait plan` never need it.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import errno
 import os
 import sys
 import traceback
+from contextlib import nullcontext
 from pathlib import Path
 
-from plait.errors import PlaitError
+from plait import config as config_mod
+from plait.errors import CollectiveOSError, PlaitError
+from plait.outputs import check_output_file, parse_size
+from plait.plan.cli import main as plan_main
 from plait.resilience.sentinel import die_with_launcher
 from plait.resilience.usage_errors import (
     note_environment_error,
@@ -21,6 +29,7 @@ from plait.resilience.usage_errors import (
     note_usage_error,
     noted_status,
 )
+from plait.train.rundir import claim_run_dir, held_by_launcher
 
 USAGE_ERROR = 2
 INTERRUPTED = 130  # 128 + SIGINT, as shells report it
@@ -63,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("-o", "--output", required=True, help="a .safetensors file (config.json goes beside it)")
     p.add_argument("--force", action="store_true", help="overwrite the .safetensors file and config.json")
+    p.add_argument("--max-shard-size", type=parse_size, default="5GB",
+                   help="split a larger model into Hugging Face shards with an index (bytes, or e.g. 500MB, 2GB; "
+                        "default 5GB)")
     sub.add_parser("prepare", help="tokenise a corpus once into a .bin token file", add_help=False)
     sub.add_parser("plan", help="predict memory, step time and MFU of parallel layouts", add_help=False)
     sub.add_parser("btm", help="Branch-Train-Merge: branch, train, merge and evaluate domain experts",
@@ -71,17 +83,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def default_nproc() -> int:
+    # lazy: loads torch (~1 s), which `plait --help` and `plait plan` never need
     import torch
 
     return torch.cuda.device_count() if torch.cuda.is_available() else 2
 
 
 def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
-    from contextlib import nullcontext
-
-    from plait import config as config_mod
-    from plait.train.rundir import claim_run_dir, held_by_launcher
-
     cfg = config_mod.load_config(args.config, args.overrides)
     run_dir = Path(args.run_dir or Path("runs") / cfg.name)
     under_launcher = "WORLD_SIZE" in os.environ
@@ -96,46 +104,38 @@ def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
         claim = claim_run_dir(run_dir, force=args.force)
     with claim:
         if under_launcher or nproc == 1:
-            from plait.resilience.usage_errors import noted_status
-
             noted = noted_status()
             if noted is not None:  # an earlier worker generation said why; restarting cannot help
                 return noted
-            from plait.resilience.elastic import ID_ENV
-
-            if ID_ENV in os.environ:  # a worker of plait's elastic launcher (resilience.mode=elastic)
-                from plait.resilience.elastic import elastic_train
-
-                elastic_train(cfg, run_dir)
-                return 0
-            from plait.train.trainer import train
+            # lazy: loads torch (~1 s), which `plait --help` and `plait plan` never need
+            from plait.resilience.worker import train_with_resilience
 
             if under_launcher:  # a worker: its launcher handles Ctrl-C and SIGTERM for the job
-                train(cfg, run_dir)
+                train_with_resilience(cfg, run_dir)
                 return 0
+            # lazy: loads torch (~1 s), which `plait --help` and `plait plan` never need
             from plait.launch import run_interruptible
 
             def train_here() -> int:
-                train(cfg, run_dir)
+                train_with_resilience(cfg, run_dir)
                 return 0
 
             return run_interruptible(train_here, run_dir)
         # Check everything that can be checked before any worker starts, and build the data
         # caches once here so the workers only read them.
-        import copy
-
+        # lazy: loads torch (~1 s), which `plait --help` and `plait plan` never need
         from plait.data import check_corpus, load_data
+        from plait.launch import launch_local
 
         config_mod.validate(copy.deepcopy(cfg), world_size=nproc)
         check_corpus(cfg.data)
         load_data(cfg.data, cfg.model.vocab_size, cfg.model.seq_len)
-        from plait.launch import launch_local
-
         claim.share_with_workers()
         return launch_local(nproc, argv, cfg=cfg, run_dir=run_dir)
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
+    # lazy: loads torch (~1 s), which `plait --help` and `plait plan` never need
     from plait.train.sample import generate
     from plait.train.trained import load_trained, report_choice
 
@@ -148,6 +148,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
+    # lazy: loads torch (~1 s), which `plait --help` and `plait plan` never need
     from plait.plot import plot_runs
 
     output = Path(args.output) if args.output else Path(args.run_dirs[0]) / "loss.png"
@@ -157,14 +158,14 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    # lazy: loads torch (~1 s), which `plait --help` and `plait plan` never need
     from plait.export import export_hf
-    from plait.outputs import check_output_file
     from plait.train.trained import load_trained, report_choice
 
     output = Path(args.output)
     check_output_file(output, "-o", args.force)  # before the model is loaded: fail fast on a typo
-    trained = load_trained(Path(args.run_dir))
-    written = export_hf(trained, output, force=args.force)
+    trained = load_trained(Path(args.run_dir), weights=False)  # a sharded checkpoint's tensors: read as written
+    written = export_hf(trained, output, force=args.force, max_shard_size=args.max_shard_size)
     report_choice(trained)  # after the writes: a refused export says only why, in one line
     print("wrote " + ", ".join(str(p) for p in written))
     return 0
@@ -179,16 +180,16 @@ def main(argv: list[str] | None = None) -> None:
     die_with_launcher()  # a worker of plait's launcher never outlives it
     try:
         if argv and argv[0] == "prepare":
+            # lazy: loads torch (~1 s), which `plait --help` and `plait plan` never need
             from plait.data.prepare import main as prepare_main
 
             sys.exit(prepare_main(argv[1:]))
         if argv and argv[0] == "btm":
-            from plait.lowcomm.btm_cli import main as btm_main
+            # lazy: loads torch (~1 s), which `plait --help` and `plait plan` never need
+            from plait.btm.cli import main as btm_main
 
             sys.exit(btm_main(argv[1:]))
         if argv and argv[0] == "plan":
-            from plait.plan.cli import main as plan_main
-
             sys.exit(plan_main(argv[1:]))
         args = build_parser().parse_args(argv)
         handlers = {
@@ -218,7 +219,9 @@ def main(argv: list[str] | None = None) -> None:
         note_environment_error()
         rank = os.environ.get("RANK")
         where = f" (rank {rank})" if rank not in (None, "0") else ""
-        print(f"plait: error{where}: {describe_os_error(exc)}", file=sys.stderr, flush=True)
+        if not isinstance(exc, CollectiveOSError) or _is_main_rank():  # a collective one: said once
+            print(f"plait: error{where if not isinstance(exc, CollectiveOSError) else ''}: "
+                  f"{describe_os_error(exc)}", file=sys.stderr, flush=True)
         sys.exit(ENVIRONMENT_ERROR)
     except Exception:
         raise_unexpected()

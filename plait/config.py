@@ -21,6 +21,9 @@ from typing import Any, Literal
 
 
 from plait.errors import ConfigError
+from plait.fault_spec import parse_faults
+from plait.layout import Features, Job, Layout, ModelShape, check_job
+from plait.layout.pipeline import SCHEDULE_ALIASES
 
 
 @dataclass
@@ -160,6 +163,9 @@ class CheckpointConfig:
     # Resume even though the tokenizer changed since the checkpoint (its token ids then mean
     # other text): only when the user asks for it, as when moving a model to a new corpus.
     reset_data: bool = False
+    # Write checkpoints in the background: each rank copies its pieces to host memory and trains
+    # on while a writer thread saves them (train/async_writer.py). Also settable as checkpoint.async.
+    async_save: bool = True
 
 
 @dataclass
@@ -215,6 +221,12 @@ class Config:
 
 
 SECTIONS = {f.name: f.type for f in dataclasses.fields(Config) if f.name != "name"}
+
+# Keys that cannot be field names (`async` is a Python keyword): the key users write -> the field.
+KEY_ALIASES: dict[str, str] = {"checkpoint.async": "checkpoint.async_save"}
+
+# Other spellings a field accepts for one of its values; the value is stored in its one spelling.
+VALUE_ALIASES: dict[str, dict[str, str]] = {"parallel.pp_schedule": SCHEDULE_ALIASES}
 
 
 @dataclass(frozen=True)
@@ -344,6 +356,7 @@ def apply_override(cfg: Config, item: str) -> None:
 
 
 def set_field(cfg: Config, dotted: str, value: Any) -> None:
+    dotted = KEY_ALIASES.get(dotted, dotted)
     section_name, _, key = dotted.partition(".")
     if section_name not in SECTIONS or not key:
         if dotted == "name":
@@ -354,6 +367,8 @@ def set_field(cfg: Config, dotted: str, value: Any) -> None:
     hints = typing.get_type_hints(type(section))
     if key not in hints:
         raise ConfigError(_unknown(dotted, [f"{section_name}.{k}" for k in hints]))
+    if isinstance(value, str):
+        value = VALUE_ALIASES.get(dotted, {}).get(value, value)
     setattr(section, key, _coerce(dotted, value, hints[key]))
 
 
@@ -450,9 +465,11 @@ def check_encoding(name: str) -> None:
 def validate(cfg: Config, world_size: int) -> Config:
     """Check every cross-field constraint for a job of `world_size` processes; resolve derived values.
 
-    Returns the same Config with `parallel.dp` and `train.micro_batch` filled in.
+    Returns the same Config with `parallel.dp`, `train.micro_batch` and (pipelines)
+    `parallel.pp_microbatches` filled in. Whether the layout can run is decided by the rules
+    of plait.layout, the ones the planner uses too; this function holds the rest.
     """
-    m, p, t, o = cfg.model, cfg.parallel, cfg.train, cfg.optim
+    m, t, o = cfg.model, cfg.train, cfg.optim
     check_ranges(cfg)
     check_encoding(cfg.data.encoding)
     if m.dim % m.n_heads:
@@ -461,30 +478,30 @@ def validate(cfg: Config, world_size: int) -> Config:
         raise ConfigError(f"model.dim / model.n_heads = {m.dim // m.n_heads} must be even for rotary embeddings")
     if m.n_heads % m.n_kv_heads:
         raise ConfigError(f"model.n_heads={m.n_heads} is not divisible by model.n_kv_heads={m.n_kv_heads}")
+    if m.n_experts:
+        if not 1 <= m.top_k <= m.n_experts:
+            raise ConfigError(f"model.top_k={m.top_k} must lie between 1 and model.n_experts={m.n_experts}")
+        if not 1 <= m.moe_every <= m.n_layers:
+            raise ConfigError(f"model.moe_every={m.moe_every} must lie between 1 and model.n_layers={m.n_layers}")
     if o.min_lr > o.lr:
         raise ConfigError(f"optim.min_lr={o.min_lr} is larger than optim.lr={o.lr}")
     if cfg.checkpoint.resume not in ("auto", "never") and not cfg.checkpoint.resume:
         raise ConfigError("checkpoint.resume must be auto, never, or a checkpoint directory")
+    if t.sync != "every_step" and not 1 <= cfg.sync.fragments <= cfg.sync.inner_steps:
+        raise ConfigError(f"sync.fragments={cfg.sync.fragments} must lie between 1 and "
+                          f"sync.inner_steps={cfg.sync.inner_steps}")
+    parse_faults(cfg.fault.inject)  # raises ConfigError naming fault.inject
 
-    if m.n_experts == 0 and (p.ep != 1 or p.etp != 1):
-        raise ConfigError(f"parallel.ep={p.ep} / etp={p.etp} need an MoE model (model.n_experts > 0)")
-    if p.cp > 1 and m.seq_len % (2 * p.cp):
-        raise ConfigError(f"model.seq_len={m.seq_len} must be divisible by 2 x parallel.cp = {2 * p.cp} "
-                          "(each context-parallel rank holds two chunks)")
-    if p.tp > 1:
-        from plait.parallel.tensor import check_tensor_parallel  # imported here: it imports this module
+    _derive_sizes(cfg, world_size)
+    reason = check_job(job_of(cfg, world_size))
+    if reason is not None:
+        raise ConfigError(reason)
+    return cfg
 
-        check_tensor_parallel(m, p.tp, p.sequence_parallel, local_seq_len=m.seq_len // p.cp)
-    if t.compile and (p.tp > 1 or p.cp > 1 or p.pp > 1):
-        raise ConfigError("train.compile=true with parallel.tp, cp or pp > 1 is not yet supported")
-    if p.zero not in (0, 1, 2, 3):
-        raise ConfigError(f"parallel.zero={p.zero} must be 0, 1, 2 or 3")
-    if p.zero == 3 and t.compile:
-        raise ConfigError("train.compile=true with parallel.zero=3 is not yet supported")
-    if t.chunked_ce == "on" and (p.tp > 1 or p.pp > 1 or p.zero == 3):
-        raise ConfigError("train.chunked_ce=on needs parallel.tp=1, pp=1 and zero<3 "
-                          "(tensor parallelism has its own vocab-parallel loss)")
 
+def _derive_sizes(cfg: Config, world_size: int) -> None:
+    """Fill in dp, micro_batch and pp_microbatches where the config leaves them at 0."""
+    p, t = cfg.parallel, cfg.train
     others = p.tp * p.cp * p.pp
     if p.dp == 0:
         if world_size % others:
@@ -504,90 +521,28 @@ def validate(cfg: Config, world_size: int) -> Config:
             f"train.micro_batch={t.micro_batch} x dp={p.dp}"
         )
     if p.pp > 1:
-        _validate_pipeline(cfg)
-    _validate_low_communication(cfg)
-    if m.n_experts:
-        _validate_moe(cfg)
-    _validate_resilience(cfg)
-    return cfg
+        # The pipeline runs `parallel.pp_microbatches` micro-batches per step: the accumulation steps.
+        accumulation = t.global_batch // (t.micro_batch * p.dp)
+        if p.pp_microbatches == 0:
+            p.pp_microbatches = accumulation
+        elif p.pp_microbatches != accumulation:
+            raise ConfigError(
+                f"parallel.pp_microbatches={p.pp_microbatches} != train.global_batch / (train.micro_batch x dp) "
+                f"= {accumulation}; set train.micro_batch={t.global_batch // (p.dp * p.pp_microbatches)} or "
+                "leave pp_microbatches at 0")
 
 
-def _validate_resilience(cfg: Config) -> None:
-    from plait.resilience.inject import parse_faults  # imported here: it imports this module's errors
-
-    r = cfg.resilience
-    parse_faults(cfg.fault.inject)  # raises ConfigError naming fault.inject
-
-
-def _validate_moe(cfg: Config) -> None:
-    """Mixture of experts: the layer's settings and the expert-parallel layout (parallel folding:
-    ep divides the tp x cp x dp ranks of a pipeline stage, it does not multiply them)."""
+def job_of(cfg: Config, world_size: int) -> Job:
+    """The config as the layout rules see it (after `validate` has derived dp and micro_batch)."""
     m, p, t = cfg.model, cfg.parallel, cfg.train
-    if not 1 <= m.top_k <= m.n_experts:
-        raise ConfigError(f"model.top_k={m.top_k} must lie between 1 and model.n_experts={m.n_experts}")
-    if not 1 <= m.moe_every <= m.n_layers:
-        raise ConfigError(f"model.moe_every={m.moe_every} must lie between 1 and model.n_layers={m.n_layers}")
-    if p.etp != 1:
-        raise ConfigError(f"parallel.etp={p.etp} is not yet supported (experts are not tensor-parallel; use 1)")
-    folded = p.tp * p.cp * p.dp
-    if folded % (p.ep * p.etp):
-        raise ConfigError(f"parallel.ep={p.ep} x etp={p.etp} must divide tp x cp x dp = {folded} "
-                          "(expert parallelism is folded into those ranks)")
-    if m.n_experts % p.ep:
-        raise ConfigError(f"model.n_experts={m.n_experts} is not divisible by parallel.ep={p.ep}")
-    if p.tp > 1 and not p.sequence_parallel:
-        raise ConfigError("model.n_experts > 0 with parallel.tp > 1 needs parallel.sequence_parallel=true "
-                          "(each token is routed by the one rank that holds it)")
-    unsupported = {"parallel.pp > 1": p.pp > 1, "parallel.zero=3": p.zero == 3, "train.compile=true": t.compile,
-                   "parallel.grad_compression": getattr(p, "grad_compression", "none") != "none",
-                   "train.sync": getattr(t, "sync", "every_step") != "every_step",
-                   f"optim.name={cfg.optim.name}": cfg.optim.name != "adamw"}
-    for name, used in unsupported.items():
-        if used:
-            raise ConfigError(f"{name} with model.n_experts > 0 is not yet supported")
-
-
-def _validate_low_communication(cfg: Config) -> None:
-    p, t, o, s = cfg.parallel, cfg.train, cfg.optim, cfg.sync
-    if o.name == "galore" and (p.zero != 0 or p.tp != 1):
-        raise ConfigError("optim.name=galore needs whole matrices: parallel.zero=0 and parallel.tp=1")
-    if t.sync != "every_step":
-        if not 1 <= s.fragments <= s.inner_steps:
-            raise ConfigError(f"sync.fragments={s.fragments} must lie between 1 and sync.inner_steps={s.inner_steps}")
-        if p.zero == 3:
-            raise ConfigError(f"train.sync={t.sync} with parallel.zero=3 is not supported (workers keep whole weights)")
-        if p.grad_compression != "none":
-            raise ConfigError(f"parallel.grad_compression={p.grad_compression} only applies to train.sync=every_step")
-    if p.grad_compression != "none":
-        if p.zero != 0:
-            raise ConfigError(f"parallel.grad_compression={p.grad_compression} needs parallel.zero=0 "
-                              "(it replaces the all-reduce of whole gradients)")
-
-
-def _validate_pipeline(cfg: Config) -> None:
-    """The pipeline runs `parallel.pp_microbatches` micro-batches per step (the accumulation steps)."""
-    from plait.parallel.partition import check_explicit_split  # imported here: they import this module
-    from plait.parallel.schedules import check_schedule_config
-
-    p, t = cfg.parallel, cfg.train
-    accumulation = t.global_batch // (t.micro_batch * p.dp)
-    if p.pp_microbatches == 0:
-        p.pp_microbatches = accumulation
-    elif p.pp_microbatches != accumulation:
-        raise ConfigError(
-            f"parallel.pp_microbatches={p.pp_microbatches} != train.global_batch / (train.micro_batch x dp) "
-            f"= {accumulation}; set train.micro_batch={t.global_batch // (p.dp * p.pp_microbatches)} or leave "
-            "pp_microbatches at 0")
-    if p.zero == 3:
-        raise ConfigError("parallel.zero=3 with parallel.pp > 1 is not yet supported (zero 0-2 are)")
-    reason = check_schedule_config(p.pp, p.pp_microbatches, p.pp_virtual_stages, cfg.model.n_layers, p.pp_schedule)
-    if reason:
-        raise ConfigError(reason)
-    if p.pp_layers:
-        try:
-            check_explicit_split(p.pp_layers, cfg.model.n_layers, p.pp * p.pp_virtual_stages)
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
+    layout = Layout(tp=p.tp, pp=p.pp, dp=p.dp, cp=p.cp, ep=p.ep, etp=p.etp, zero=p.zero,
+                    micro_batch=t.micro_batch, schedule=p.pp_schedule, virtual_stages=p.pp_virtual_stages,
+                    recompute=t.recompute, sequence_parallel=p.sequence_parallel, pp_layers=tuple(p.pp_layers))
+    shape = ModelShape(n_layers=m.n_layers, n_heads=m.n_heads, n_kv_heads=m.n_kv_heads, ffn_dim=m.ffn_dim,
+                       seq_len=m.seq_len, n_experts=m.n_experts)
+    features = Features(compile=t.compile, chunked_ce=t.chunked_ce, optimizer=cfg.optim.name, sync=t.sync,
+                        grad_compression=p.grad_compression)
+    return Job(layout, shape, world_size, t.global_batch, features)
 
 
 def accumulation_steps(cfg: Config) -> int:

@@ -19,3 +19,8 @@ class DataError(PlaitError):
 
 class CheckpointError(PlaitError):
     """A checkpoint that is missing, corrupt, or does not fit the run."""
+
+
+class CollectiveOSError(OSError):
+    """An OSError that every rank of a collective operation raises alike (a checkpoint write the
+    machine refused on one of them): reported once, by rank 0, with the path concerned."""

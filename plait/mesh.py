@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch.distributed as dist
 
-from plait.parallel.comm import Group
+from plait.comm import Group
 
 # Outermost first; the last dimension varies fastest across consecutive ranks.
 GRID_ORDER = ("pp", "dp", "cp", "tp")

@@ -12,8 +12,8 @@ import torch
 
 from plait.data.corpus import read_text, resolve_corpus
 from plait.errors import PlaitError
-from plait.lowcomm import btm
-from plait.lowcomm.btm_cli import main as btm_main
+from plait.btm import workflow as btm
+from plait.btm.cli import main as btm_main
 from plait.train.trained import load_trained
 
 SMALL = ["model.n_layers=2", "train.global_batch=8", "train.eval_every=0", "train.eval_batches=1",

@@ -77,7 +77,7 @@ def test_corrupt_checkpoint_falls_back_to_the_previous_one(tmp_path):
     train_in_process(straight, "train.steps=12", "checkpoint.every=5")
     run = tmp_path / "run"
     train_in_process(run, "train.steps=10", "checkpoint.every=5")
-    model_file = run / "checkpoints" / "step-00000010" / "model.pt"
+    model_file = run / "checkpoints" / "step-00000010" / "__0_0.distcp"  # the model's (only) piece file
     model_file.write_bytes(model_file.read_bytes()[:1000])  # truncate
     train_in_process(run, "train.steps=12", "checkpoint.every=5")
     events = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]

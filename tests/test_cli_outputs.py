@@ -12,6 +12,7 @@ import argparse
 import hashlib
 import json
 import os
+import pickle
 import shutil
 import subprocess
 import sys
@@ -19,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from plait.cli import main
@@ -96,12 +96,6 @@ class RunsACommand:
 
     def __reduce__(self):
         return os.system, (f"touch {self.marker}",)
-
-
-def hostile_model_file(marker: Path, tmp_path: Path) -> bytes:
-    staging = tmp_path / "hostile.pt"
-    torch.save({"embed.weight": RunsACommand(marker)}, staging)
-    return staging.read_bytes()
 
 
 # --- plot ------------------------------------------------------------------------------------
@@ -239,23 +233,24 @@ def test_sample_says_which_checkpoint_it_uses(plait, run):
 def test_sample_and_export_pass_over_an_unusable_newest_checkpoint_and_say_so(plait, run, tmp_path, damage):
     newest, older = run / "checkpoints" / NEWEST, run / "checkpoints" / OLDER
     marker = tmp_path / "pwned"
-    model = newest / "model.pt"
+    # A sharded checkpoint: the pieces file (the manifest catches a truncated one) and the
+    # metadata that says what is where (read with a safe unpickler before anything else).
+    pieces, metadata = "__0_0.distcp", ".metadata"
+    damaged = pieces if damage == "truncated" else metadata
     if damage == "truncated":
-        model.write_bytes(model.read_bytes()[:1000])
+        (newest / pieces).write_bytes((newest / pieces).read_bytes()[:1000])
     elif damage == "not tensors":
-        staging = tmp_path / "namespace.pt"
-        torch.save(argparse.Namespace(weights=[1, 2]), staging)
-        rewrite_with_manifest(newest, "model.pt", staging.read_bytes())
+        rewrite_with_manifest(newest, metadata, pickle.dumps(argparse.Namespace(weights=[1, 2])))
     elif damage == "hostile pickle":
-        rewrite_with_manifest(newest, "model.pt", hostile_model_file(marker, tmp_path))
+        rewrite_with_manifest(newest, metadata, pickle.dumps(RunsACommand(marker)))
     else:
-        rewrite_with_manifest(newest, "model.pt", os.urandom(4096))
+        rewrite_with_manifest(newest, metadata, os.urandom(4096))
     before = digest(run)
     for args in (["sample", run, "--tokens", "5"], ["export", run, "-o", tmp_path / "hf" / "model.safetensors"]):
         result = plait(*args)
         assert result.code == 0, result.err
         assert len(result.err) == 2, result.err
-        assert result.err[0].startswith(f"plait: warning: checkpoint {newest} is unusable (model.pt")
+        assert result.err[0].startswith(f"plait: warning: checkpoint {newest} is unusable ({damaged}")
         assert result.err[0].endswith(f"; using {older}")
         assert result.err[1] == f"plait: using checkpoint {older} (step 1)"
     assert not marker.exists()  # the hostile pickle was refused, not run
@@ -264,12 +259,12 @@ def test_sample_and_export_pass_over_an_unusable_newest_checkpoint_and_say_so(pl
 
 def test_no_usable_checkpoint_is_one_line_exit_2(plait, run, tmp_path):
     marker = tmp_path / "pwned"
-    rewrite_with_manifest(run / "checkpoints" / NEWEST, "model.pt", hostile_model_file(marker, tmp_path))
+    rewrite_with_manifest(run / "checkpoints" / NEWEST, ".metadata", pickle.dumps(RunsACommand(marker)))
     (run / "checkpoints" / OLDER / "manifest.json").write_text("{")
     before = digest(run)
     out = tmp_path / "hf" / "model.safetensors"
     for args in (["sample", run], ["export", run, "-o", out]):
-        assert_one_line(plait(*args), 2, "no valid checkpoint", f"{NEWEST}: model.pt fails torch's safe load",
+        assert_one_line(plait(*args), 2, "no valid checkpoint", f"{NEWEST}: .metadata fails the safe load",
                         f"{OLDER}: manifest.json is unreadable")
     assert not marker.exists() and not out.parent.exists()
     assert digest(run) == before
@@ -278,13 +273,13 @@ def test_no_usable_checkpoint_is_one_line_exit_2(plait, run, tmp_path):
 def test_a_real_process_prints_no_traceback_for_a_hostile_checkpoint(run, tmp_path):
     """The same through `python -m plait`, as a user runs it: warnings filtered the same way."""
     marker = tmp_path / "pwned"
-    rewrite_with_manifest(run / "checkpoints" / NEWEST, "model.pt", hostile_model_file(marker, tmp_path))
+    rewrite_with_manifest(run / "checkpoints" / NEWEST, ".metadata", pickle.dumps(RunsACommand(marker)))
     shutil.rmtree(run / "checkpoints" / OLDER)
     result = subprocess.run([sys.executable, "-m", "plait", "sample", str(run)], capture_output=True, text=True,
                             timeout=120, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert result.returncode == 2
     assert result.stderr.splitlines() == [
         f"plait: error: no valid checkpoint in {run / 'checkpoints'} "
-        f"({NEWEST}: model.pt fails torch's safe load: UnpicklingError)"
+        f"({NEWEST}: .metadata fails the safe load: UnpicklingError)"
     ]
     assert not marker.exists()

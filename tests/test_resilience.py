@@ -20,8 +20,11 @@ pytestmark = pytest.mark.timeout(300)
 
 TIMEOUT_S = 10  # parallel.timeout_s: a hang must be named within this + 5 s
 SNAPSHOT_EVERY = 3
+# Checkpoints written synchronously: the scenario asserts which state (disk at step 10 or a
+# snapshot) each restart resumes from, which a background write would leave to timing.
 RESILIENCE = ["resilience.mode=restart", f"resilience.snapshot_every={SNAPSHOT_EVERY}",
-              "resilience.heartbeat_s=0.1", "resilience.slow_window=5", f"parallel.timeout_s={TIMEOUT_S}"]
+              "resilience.heartbeat_s=0.1", "resilience.slow_window=5", f"parallel.timeout_s={TIMEOUT_S}",
+              "checkpoint.async=false"]
 FAULTS = ("hang@rank=1,step=5; crash@rank=0,step=5,restart=1; crash@rank=3,step=12; "
           "slow@rank=2,delay=0.3,step=14")
 

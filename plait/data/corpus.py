@@ -152,15 +152,11 @@ def _read_source(corpus: Corpus, path: Path) -> str | None:
         raise corpus.error(f"holds '{path.relative_to(corpus.path).as_posix()}', which {exc}") from None
 
 
-def check_nonempty(corpus: Corpus) -> None:
-    """Raise DataError if the corpus holds no text (cheap: stops at the first text found)."""
+def check_text_nonempty(corpus: Corpus) -> None:
+    """Raise DataError if a text corpus (any kind but `bin`) holds no text (cheap: stops at
+    the first text found). `plait.data.dataset.check_nonempty` covers token files too."""
+    assert corpus.kind != "bin", "a token file's size is in its sidecar (plait.data.tokenfile)"
     if corpus.kind == "shakespeare":
-        return
-    if corpus.kind == "bin":
-        from plait.data.tokenfile import read_sidecar
-
-        if read_sidecar(corpus)["n_tokens"] == 0:
-            raise corpus.error("is empty")
         return
     if corpus.kind == "file":
         if corpus.path.stat().st_size == 0:  # type: ignore[union-attr]

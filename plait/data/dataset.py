@@ -28,12 +28,12 @@ from plait.data.corpus import (
     SHAKESPEARE_BYTES,
     SHAKESPEARE_SHA256,
     Corpus,
-    check_nonempty,
+    check_text_nonempty,
     fingerprint,
     read_text,
     resolve_corpus,
 )
-from plait.data.tokenfile import atomic_write_text, read_token_file, sidecar_path, write_token_file
+from plait.data.tokenfile import atomic_write_text, read_sidecar, read_token_file, sidecar_path, write_token_file
 from plait.data.tokenizer import (
     ByteTokenizer,
     Tokenizer,
@@ -52,6 +52,15 @@ class PreparedData:
     val: np.ndarray
     tokenizer: Tokenizer
     description: str
+
+
+def check_nonempty(corpus: Corpus) -> None:
+    """Raise DataError if the corpus holds no text, or a token file no tokens (cheap)."""
+    if corpus.kind == "bin":
+        if read_sidecar(corpus)["n_tokens"] == 0:
+            raise corpus.error("is empty")
+        return
+    check_text_nonempty(corpus)
 
 
 def check_corpus(data_cfg: DataConfig) -> None:

@@ -10,8 +10,17 @@ import argparse
 from pathlib import Path
 
 from plait.config import DataConfig
-from plait.data.corpus import check_nonempty, read_text, resolve_corpus
-from plait.data.dataset import cache_root, cache_stem, check_vocab, content_hash, corpus_cache_dir, get_tokenizer, tokenize
+from plait.data.corpus import read_text, resolve_corpus
+from plait.data.dataset import (
+    cache_root,
+    cache_stem,
+    check_nonempty,
+    check_vocab,
+    content_hash,
+    corpus_cache_dir,
+    get_tokenizer,
+    tokenize,
+)
 from plait.data.tokenfile import sidecar_path, write_token_file
 from plait.errors import DataError
 from plait.outputs import check_output_file

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 import os
 
 import torch
@@ -18,7 +19,9 @@ import torch
 def triton_importable() -> bool:
     """Whether `import triton` works here (it is an optional dependency)."""
     try:
-        pass
+        # Imported only to see whether it imports: triton is optional. (By name, so that no
+        # unused-import fix can drop it again, as one did to plain `import` lines here.)
+        importlib.import_module("triton.language")
     except Exception:  # noqa: BLE001 - a broken install (missing libs, version clash) counts as absent
         return False
     return True

@@ -16,7 +16,15 @@ from __future__ import annotations
 from torch import nn
 
 from plait.kernels.availability import triton_importable
-from plait.model.llama import Attention, RMSNorm, SwiGLU
+from plait.model.llama import Attention, RMSNorm
+from plait.model.mlp import SwiGLU
+
+# The fused modules import triton, an optional dependency: without it (or with a broken
+# install) they are not imported and every model keeps the reference path.
+if triton_importable():
+    from plait.kernels.rmsnorm import fused_rms_norm
+    from plait.kernels.rotary import fused_apply_rotary
+    from plait.kernels.swiglu import fused_swiglu
 
 
 def install_fused_kernels(model: nn.Module) -> dict[str, int]:
@@ -27,11 +35,6 @@ def install_fused_kernels(model: nn.Module) -> dict[str, int]:
     counts = {"rms_norm": 0, "swiglu": 0, "rotary": 0}
     if not triton_importable():
         return counts
-    # Imported here: these modules import triton, an optional dependency.
-    from plait.kernels.rmsnorm import fused_rms_norm
-    from plait.kernels.rotary import fused_apply_rotary
-    from plait.kernels.swiglu import fused_swiglu
-
     for module in model.modules():
         if isinstance(module, RMSNorm):
             module.norm = fused_rms_norm

@@ -1,6 +1,6 @@
 """Fused SwiGLU activation: silu(gate) * up in one pass, recomputed in backward.
 
-`fused_swiglu(gate, up)` equals `plait.model.llama.swiglu` (silu in gate's dtype, the
+`fused_swiglu(gate, up)` equals `plait.model.mlp.swiglu` (silu in gate's dtype, the
 product in the promoted dtype). Eager PyTorch keeps silu(gate) alive for backward, one
 more [tokens, ffn] activation per layer (for the 1.36B shape 8 x 2048 x 5632 bf16 = 185 MB
 a layer); here only gate and up are saved and silu is recomputed from gate in backward,
@@ -18,7 +18,7 @@ import triton.language as tl
 from torch import Tensor
 
 from plait.kernels.availability import kernel_device_types, on_device
-from plait.model.llama import swiglu
+from plait.model.mlp import swiglu
 
 _KERNEL_DEVICES = kernel_device_types()
 BLOCK = 1024

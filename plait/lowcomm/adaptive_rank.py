@@ -17,13 +17,13 @@ import math
 
 import torch
 
+from plait.comm import Comm, Group
 from plait.lowcomm.powersgd import (
     PowerSGDCompressor,
     compressed_size,
     compresses,
     matrix_shape,
 )
-from plait.parallel.comm import Comm, Group
 
 CANDIDATE_FACTORS = (0.5, 0.75, 1.0, 1.5, 2.0)
 

@@ -17,7 +17,7 @@ from typing import Iterable
 
 import torch
 
-from plait.parallel.comm import Comm, Group, Handle
+from plait.comm import Comm, Group, Handle
 
 SYNC = "sync"
 

@@ -35,7 +35,7 @@ import zlib
 
 import torch
 
-from plait.parallel.comm import Comm, Group
+from plait.comm import Comm, Group
 
 
 def compressed_size(shape: torch.Size | tuple[int, ...], rank: int) -> int:

@@ -20,29 +20,19 @@ between ranks, so unlike the layout-free checkpoint they are saved per rank
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
 
+from plait.comm import Comm, Group
 from plait.config import Config
 from plait.errors import CheckpointError
 from plait.lowcomm.adaptive_rank import AdaptivePowerSGD
 from plait.lowcomm.outer import CO2, DiLoCo, NoLoCo
 from plait.lowcomm.powersgd import PowerSGDCompressor
 from plait.mesh import Mesh
-from plait.parallel.comm import Comm, Group
+from plait.parallel.parallelize import is_local_sync
 from plait.parallel.zero import ZeroEngine
-from plait.train.checkpoint import read_file
-
-
-def is_local_sync(cfg: Config) -> bool:
-    return cfg.train.sync != "every_step"
-
-
-def engine_group(cfg: Config, mesh: Mesh) -> Group:
-    """The group the engine reduces gradients over: the whole dp x cp, or one worker's cp."""
-    return mesh.cp if is_local_sync(cfg) else mesh.dp_cp
 
 
 def loss_workers(cfg: Config) -> int:
@@ -130,15 +120,16 @@ class CompressedGradients:
 LOCAL_STATE_FILE = "local_state.pt"
 
 
-def restore_local_state(method: LocalSync | CompressedGradients, checkpoint: Path, layout: str, rank: int) -> None:
-    """This rank's saved state, when the checkpoint has it; it must come from the same layout."""
-    if not (checkpoint / LOCAL_STATE_FILE).exists():
+def restore_local_state(method: LocalSync | CompressedGradients, saved: dict[str, Any] | None, layout: str,
+                        rank: int, name: str) -> None:
+    """This rank's part of `saved` (a checkpoint's LOCAL_STATE_FILE, None when it has none),
+    which must come from the same layout; `name` names the checkpoint in errors."""
+    if saved is None:
         method.restart_from_weights()  # e.g. a checkpoint of an every-step run
         return
-    saved = read_file(checkpoint, LOCAL_STATE_FILE)
     if saved["layout"] != layout:
         raise CheckpointError(
-            f"checkpoint {checkpoint} holds per-worker local-SGD/compression state of layout "
+            f"{name} holds per-worker local-SGD/compression state of layout "
             f"{saved['layout']}; resume it with the same layout (this run: {layout})")
     method.load_state_dict(saved["ranks"][rank])
 

@@ -15,6 +15,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from plait.config import ModelConfig
+# swiglu is not used here; it stays importable from this module next to rms_norm and
+# apply_rotary, the other reference functions of the decoder.
+from plait.model.mlp import SwiGLU, swiglu  # noqa: F401
+from plait.model.moe import MoE
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -22,11 +26,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     # Normalise in fp32 even for bf16 inputs: the mean of squares loses too much in bf16.
     x32 = x.float()
     return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).type_as(x) * weight
-
-
-def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """SwiGLU's activation: silu(gate) * up."""
-    return F.silu(gate) * up
 
 
 class RMSNorm(nn.Module):
@@ -94,19 +93,6 @@ class Attention(nn.Module):
         )
 
 
-class SwiGLU(nn.Module):
-    activation = staticmethod(swiglu)  # plait.kernels swaps in a fused one per instance
-
-    def __init__(self, dim: int, ffn_dim: int):
-        super().__init__()
-        self.w_gate = nn.Linear(dim, ffn_dim, bias=False)
-        self.w_up = nn.Linear(dim, ffn_dim, bias=False)
-        self.w_down = nn.Linear(ffn_dim, dim, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w_down(self.activation(self.w_gate(x), self.w_up(x)))
-
-
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, moe: bool = False):
         super().__init__()
@@ -115,8 +101,6 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.is_moe = moe
         if moe:
-            from plait.model.moe import MoE  # imported here: moe.py builds on this module's SwiGLU
-
             self.mlp = MoE(cfg.dim, cfg.moe_ffn_dim or cfg.ffn_dim, cfg.n_experts, cfg.top_k,
                            cfg.n_shared_experts, cfg.router, cfg.capacity_factor)
         else:

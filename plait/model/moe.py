@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from plait.model.llama import SwiGLU
+from plait.model.mlp import SwiGLU
 
 
 @dataclass

@@ -23,7 +23,7 @@ import functools
 import torch
 from torch import nn
 
-from plait.parallel.comm import Comm, Group
+from plait.comm import Comm, Group
 
 TAG = "cp"
 _KV_MESSAGE, _GRAD_MESSAGE = 1, 2  # concurrent ring exchanges between the same pair of ranks

@@ -25,7 +25,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from plait.parallel.comm import Comm, Group, Handle
+from plait.comm import Comm, Group, Handle
 from plait.parallel.flat import Bucket
 
 

@@ -25,8 +25,8 @@ import functools
 import torch
 import torch.distributed as dist
 
+from plait.comm import Comm, Group
 from plait.model.moe import MoE, StackedExperts, run_local_experts
-from plait.parallel.comm import Comm, Group
 
 TAG = "ep"
 

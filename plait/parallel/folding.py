@@ -30,10 +30,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from plait.comm import CHECKPOINT, Comm, Group
 from plait.config import OptimConfig
 from plait.mesh import Mesh, ParallelDims
 from plait.model.moe import MoE
-from plait.parallel.comm import CHECKPOINT, Comm, Group
 from plait.parallel.expert import apply_expert_parallel, expert_slice
 from plait.parallel.tensor_comm import TAG as TP_TAG
 from plait.parallel.zero import ZeroEngine

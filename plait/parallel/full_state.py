@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from plait.parallel.comm import CHECKPOINT, Comm, Group
+from plait.comm import CHECKPOINT, Comm, Group
 from plait.parallel.tensor import TensorShard, gather_full, shard_for_tp
 from plait.parallel.zero import ZeroEngine
 

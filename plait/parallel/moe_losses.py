@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from plait.parallel.comm import Comm, Group
+from plait.comm import Comm, Group
 
 TAG = "moe"
 

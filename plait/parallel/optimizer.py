@@ -2,7 +2,7 @@
 
 - adamw: torch.optim.AdamW (fused on CUDA, foreach on CPU);
 - sgd: torch.optim.SGD with `optim.momentum` (weight decay as SGD's L2 term);
-- galore: GaLore (lowcomm/galore.py) around AdamW: 2-D weights whose smaller side exceeds
+- galore: GaLore (parallel/galore.py) around AdamW: 2-D weights whose smaller side exceeds
   `optim.rank` keep their Adam moments in a rank-r projection of the gradient; the rest
   (norms, small matrices) get plain AdamW.
 
@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from plait.config import OptimConfig
-from plait.lowcomm.galore import GaLore
+from plait.parallel.galore import GaLore
 
 # The per-element state tensors of each elementwise optimizer, by optim.name.
 ELEMENTWISE_STATE = {"adamw": ("exp_avg", "exp_avg_sq"), "sgd": ("momentum_buffer",)}

@@ -6,7 +6,7 @@
 3. activation recomputation (recompute.py);
 4. pipeline parallel: keep this rank's stage of the model, run by a schedule (pipeline.py);
 5. data parallel with ZeRO over dp x cp (zero.py; ZeRO-3 gathering in zero3.py); under local
-   SGD only over each worker's cp ranks (lowcomm/training.py).
+   SGD only over each worker's cp ranks (`engine_group`; the outer steps are lowcomm's).
 
 The result, `ParallelModel`, also answers the questions the training loop has that depend on
 the layout: which part of a batch this rank computes, how a step and the loss are run, and
@@ -16,19 +16,22 @@ how the full, layout-free state is gathered for checkpoints and loaded back.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from plait.comm import Comm, Group
 from plait.config import Config
-from plait.lowcomm.training import engine_group
 from plait.mesh import Mesh
-from plait.parallel.comm import Comm, Group
 from plait.parallel.context import apply_context_parallel, cp_positions, split_for_cp
 from plait.parallel.full_state import State, gather_full_state, local_state
 from plait.parallel.partition import head_cost_in_layers, partition_layers
+from plait.parallel.pieces import (OPTIMIZER, STEP_KEY, Piece, assign_whole_state, engine_pieces, engines_of,
+                                   expert_placements, optimizer_step, set_optimizer_step,
+                                   tensor_parallel_placements, whole_state_pieces)
 from plait.parallel.pipeline import PipelineRunner, gather_pp_bubble, pipeline_forward
 from plait.parallel.pipeline_stage import StageModule, tied_embedding_group
 from plait.parallel.recompute import apply_recompute
@@ -36,6 +39,16 @@ from plait.parallel.tensor import TensorShard, apply_tensor_parallel, vocab_para
 from plait.parallel.zero import ZeroEngine
 from plait.parallel.zero3 import Zero3Gatherer, transformer_units
 from plait.parallel.folding import ExpertGroups, MoEEngine, apply_moe_parallel
+
+
+def is_local_sync(cfg: Config) -> bool:
+    """Local SGD (diloco, noloco, co2): workers step on their own between outer syncs."""
+    return cfg.train.sync != "every_step"
+
+
+def engine_group(cfg: Config, mesh: Mesh) -> Group:
+    """The group the engine reduces gradients over: the whole dp x cp, or one worker's cp."""
+    return mesh.cp if is_local_sync(cfg) else mesh.dp_cp
 
 
 @dataclass
@@ -49,6 +62,8 @@ class ParallelModel:
     runner: PipelineRunner | None = None  # pipeline parallel only
     tied_group: Group | None = None  # the first and last pipeline rank, when embeddings are tied
     expert_groups: ExpertGroups | None = None  # MoE models: the folded ep / edp / token groups
+    second_copies: frozenset[str] = frozenset()  # parameters another stage holds too (the tied embedding)
+    local_sync: bool = False  # local SGD: dp workers hold their own weights between outer syncs
 
     def local_batch(self, inputs: torch.Tensor, targets: torch.Tensor
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -74,6 +89,62 @@ class ParallelModel:
     def load_full_state(self, params: dict[str, torch.Tensor], optim: dict[str, dict[str, torch.Tensor]]) -> None:
         names = {n for n, _ in self.model.named_parameters()}
         self.engine.load_full_state(*local_state(params, optim, self.tp_shards, self.mesh.tp, names))
+
+    def state_pieces(self, optimizer: bool = True) -> list[Piece]:
+        """This rank's boxes of the full, named masters and optimizer tensors (pieces.py), each
+        marked for the one rank that writes it: what a sharded checkpoint saves."""
+        pieces, _ = self._pieces(optimizer, stored=None)
+        return pieces
+
+    def load_targets(self, stored: dict[str, tuple[tuple[int, ...], torch.dtype]]
+                     ) -> tuple[list[Piece], Callable[[], None]]:
+        """What to read from a checkpoint holding `stored` (key -> full shape, dtype): this rank's
+        pieces as views of its own state (optimizer tensors made first when the checkpoint has
+        any), and the call that finishes the load once they are filled."""
+        return self._pieces(any(k.startswith(OPTIMIZER + "/") for k in stored), stored)
+
+    def _pieces(self, optimizer: bool, stored: dict[str, tuple[tuple[int, ...], torch.dtype]] | None
+                ) -> tuple[list[Piece], Callable[[], None]]:
+        loading = stored is not None
+        # Replicas that the engine cannot see: parameters tensor parallelism does not split (tp
+        # rank 0 writes them), the last pipeline stage's tied copy, local-SGD workers other than 0.
+        writer = not (self.local_sync and self.mesh.coords["dp"] > 0)
+        not_split = frozenset(n for n, _ in self.model.named_parameters() if n not in self.tp_shards)
+        dense_replicas = self.second_copies | (not_split if self.mesh.tp.rank > 0 else frozenset())
+        placements = tensor_parallel_placements(self.tp_shards, self.mesh.tp.rank, self.mesh.tp.size)
+        engines = engines_of(self.engine)
+        state_keys = tuple({k.rsplit("/", 1)[1] for k in stored if k.startswith(OPTIMIZER + "/")}) if loading else None
+        pieces, assignments = [], []
+        for engine in engines:
+            whole_state = engine.moment_keys is None  # GaLore: whole matrices, see pieces.py
+            elementwise = optimizer and not whole_state
+            if self.expert_groups is not None and engine is self.engine.experts:
+                ep = self.expert_groups.ep
+                pieces += engine_pieces(engine, expert_placements(engine, ep.rank, ep.size), writer,
+                                        optimizer=elementwise, create_state=loading, state_keys=state_keys)
+            else:
+                pieces += engine_pieces(engine, placements, writer, dense_replicas, elementwise, loading, state_keys)
+            if optimizer and whole_state:
+                found, assigned = whole_state_pieces(engine, writer, stored)
+                pieces += found
+                assignments += assigned
+        step = None
+        elementwise_engines = [e for e in engines if e.moment_keys is not None]
+        if optimizer and elementwise_engines:
+            if loading and STEP_KEY in stored:
+                step = torch.zeros((), dtype=stored[STEP_KEY][1])
+                pieces.append(Piece(STEP_KEY, (), (), step, False))
+            elif not loading and (step := optimizer_step(elementwise_engines[0])) is not None:
+                pieces.append(Piece(STEP_KEY, (), (), step.detach().cpu().reshape(()), self.mesh.rank == 0))
+
+        def finish() -> None:
+            for engine in engines:
+                if step is not None and engine.moment_keys is not None:
+                    set_optimizer_step(engine, step)
+                engine.publish_masters()
+            assign_whole_state(assignments, engines[0].opt_device)
+
+        return pieces, finish
 
     def pipeline_step(self, batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]],
                       tokens_per_step: int) -> torch.Tensor:
@@ -131,7 +202,7 @@ def parallelize(model: nn.Module, cfg: Config, mesh: Mesh, comm: Comm, device: t
     if runner is not None:
         runner.dtype = engine.compute_dtype  # the engine may have cast parameters to bf16
     return ParallelModel(model, engine, tp_shards, mesh, comm, cfg.model.vocab_size, runner, tied_group,
-                         expert_groups)
+                         expert_groups, second_copies=norm_exclude, local_sync=is_local_sync(cfg))
 
 
 def _pipeline(model: nn.Module, cfg: Config, mesh: Mesh, comm: Comm) -> tuple[PipelineRunner, Group | None]:

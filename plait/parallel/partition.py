@@ -8,6 +8,8 @@ layers: a pipeline runs at the pace of its slowest stage, so we minimise the lar
 
 from __future__ import annotations
 
+from plait.layout.pipeline import split_problem
+
 
 def head_cost_in_layers(dim: int, ffn_dim: int, vocab_size: int, seq_len: int,
                         n_heads: int, n_kv_heads: int) -> float:
@@ -27,13 +29,9 @@ def head_cost_in_layers(dim: int, ffn_dim: int, vocab_size: int, seq_len: int,
 
 def check_explicit_split(counts: list[int], n_layers: int, stages: int) -> None:
     """Raise ValueError (one line naming parallel.pp_layers) unless `counts` is a usable split."""
-    if len(counts) != stages:
-        raise ValueError(f"parallel.pp_layers has {len(counts)} entries but there are {stages} pipeline "
-                         f"stages (parallel.pp x parallel.pp_virtual_stages); give one layer count per stage")
-    if any(c < 1 for c in counts):
-        raise ValueError(f"parallel.pp_layers={counts}: every stage needs at least one layer")
-    if sum(counts) != n_layers:
-        raise ValueError(f"parallel.pp_layers={counts} sums to {sum(counts)}, not model.n_layers={n_layers}")
+    reason = split_problem(counts, n_layers, stages)
+    if reason is not None:
+        raise ValueError(reason)
 
 
 def balanced_counts(n_layers: int, stages: int, embed_cost: float, head_cost: float) -> list[int]:

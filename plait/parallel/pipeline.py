@@ -3,10 +3,11 @@ activations forward and gradients backward between neighbouring stages point to 
 
 Messages (`pipeline_comm`) have shapes fixed up front and a tag per (direction, micro-batch,
 sending stage). Receives are posted `recv_lookahead` ops ahead of the op that consumes them, so
-the transfer overlaps the compute before it; sends are posted as soon as their tensor exists
-and only waited for at the end of the step. Nothing blocks except a pass waiting for its own
-input, which is the dependency the schedule simulator (`pipeline_sim`) assumes, so a schedule
-it accepts cannot deadlock here.
+the transfer overlaps the compute before it; sends are posted as soon as their tensor exists,
+and each is waited for (its buffer let go) once the schedule proves its receive posted, the
+rest at the end of the step (`_message_timing`). Nothing blocks except a pass waiting for its
+own input, which is the dependency the schedule simulator (`pipeline_sim`) assumes, so a
+schedule it accepts cannot deadlock here.
 
 Backward split (zb). "B" computes the input gradient (what the previous stage waits for) and
 "W" the weight gradients of plain nn.Linear layers later. During the forward, a hook notes each
@@ -32,7 +33,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch import nn
 
-from plait.parallel.comm import BOOKKEEPING, Comm, Group
+from plait.comm import BOOKKEEPING, Comm, Group
 from plait.parallel.pipeline_comm import ACTIVATION, GRADIENT, Message, PipelinePeerLost, StageMessenger
 from plait.parallel.pipeline_sim import peak_in_flight
 from plait.parallel.pipeline_stage import StageModule
@@ -50,6 +51,7 @@ class StepStats:
     step_s: float
     busy_s: float
     peak_in_flight: int
+    peak_pending_sends: int = 0  # most send buffers held at once (both directions)
 
     @property
     def idle_fraction(self) -> float:
@@ -102,13 +104,16 @@ class PipelineRunner:
         self.stage, self.group, self.comm = stage, group, comm
         self.pp, self.v, self.m = group.size, virtual_stages, microbatches
         self.n_stages = self.pp * self.v
-        self.ops = build_schedule(schedule, self.pp, microbatches, virtual_stages)[group.rank]
+        schedule_ops = build_schedule(schedule, self.pp, microbatches, virtual_stages)
+        self.ops = schedule_ops[group.rank]
+        # Fixed for the runner's life: when a send may be waited for is worked out from it once.
+        self.recv_lookahead = recv_lookahead
+        self._sent_at, self._posted_at = _message_timing(schedule_ops, self.pp, self.n_stages, recv_lookahead)
         self.in_flight_limit = peak_in_flight(self.ops)
         self.split_backward = any(op.kind == "W" for op in self.ops)
         self.activation_shape, self.dtype = tuple(activation_shape), dtype
         self.device = next(stage.parameters()).device
         self.trace = trace or TraceRecorder(group.ranks[group.rank], enabled=False)
-        self.recv_lookahead = recv_lookahead
         self.positions = positions
         self.store = store  # a torch.distributed Store shared by the pipeline, to name the first lost rank
         self.last_stats: StepStats | None = None
@@ -141,9 +146,9 @@ class PipelineRunner:
         self._loss = torch.zeros((), device=self.device)
         self._held: dict[tuple[int, int], _Held] = {}
         self._messages = StageMessenger(self.group, self.comm, self.n_stages, self.activation_shape, self.dtype,
-                                        self.device, self.trace, self.store)
+                                        self.device, self.trace, self.store, self._sent_at, self._posted_at)
         peak = 0
-        needs = [self._incoming(op) for op in self.ops]
+        needs = [_incoming(op, self.pp, self.n_stages) for op in self.ops]
         for index, op in enumerate(self.ops):
             for message in needs[index:index + self.recv_lookahead + 1]:
                 if message is not None and not self._messages.is_posted(message):
@@ -156,7 +161,8 @@ class PipelineRunner:
                 self._weight_grad(op)
             peak = max(peak, len(self._held))
         self._messages.finish()
-        self.last_stats = StepStats(time.perf_counter() - start, self._busy, peak)
+        self.last_stats = StepStats(time.perf_counter() - start, self._busy, peak,
+                                    self._messages.peak_pending_sends)
         return self._loss
 
     def _forward(self, op: Op, inputs, targets, loss_fn: LossFn) -> None:
@@ -229,15 +235,6 @@ class PipelineRunner:
             record.grad_output = grad
         output.register_hook(keep)
 
-    # --- messages -----------------------------------------------------------------------------
-    def _incoming(self, op: Op) -> Message | None:
-        stage = op.virtual_stage(self.pp)
-        if op.kind == "F" and stage > 0:
-            return Message(ACTIVATION, op.microbatch, stage - 1)
-        if op.kind == "B" and stage < self.n_stages - 1:
-            return Message(GRADIENT, op.microbatch, stage + 1)
-        return None
-
     @contextmanager
     def _compute(self, op: Op) -> Iterator[None]:
         """A pass: traced as a compute span and added to the step's busy time."""
@@ -247,6 +244,44 @@ class PipelineRunner:
                 yield
             finally:
                 self._busy += time.perf_counter() - start
+
+
+# --- messages ---------------------------------------------------------------------------------
+def _incoming(op: Op, pp: int, n_stages: int) -> Message | None:
+    """The message pass `op` waits for: its input activation (F) or output gradient (B)."""
+    stage = op.virtual_stage(pp)
+    if op.kind == "F" and stage > 0:
+        return Message(ACTIVATION, op.microbatch, stage - 1)
+    if op.kind == "B" and stage < n_stages - 1:
+        return Message(GRADIENT, op.microbatch, stage + 1)
+    return None
+
+
+def _outgoing(op: Op, pp: int, n_stages: int) -> Message | None:
+    """The message pass `op` sends: its output activation (F) or input gradient (B)."""
+    stage = op.virtual_stage(pp)
+    if op.kind == "F" and stage < n_stages - 1:
+        return Message(ACTIVATION, op.microbatch, stage)
+    if op.kind == "B" and stage > 0:
+        return Message(GRADIENT, op.microbatch, stage)
+    return None
+
+
+def _message_timing(schedule: list[list[Op]], pp: int, n_stages: int,
+                    lookahead: int) -> tuple[dict[Message, int], dict[Message, int]]:
+    """For every message of a step: the pass its sender sends it in, and the pass at whose start
+    its receiver posts the receive (`lookahead` passes before the one that consumes it), each an
+    index into that rank's list of passes. `PipelineRunner.step` posts and sends in this order."""
+    sent_at: dict[Message, int] = {}
+    posted_at: dict[Message, int] = {}
+    for ops in schedule:
+        for index, op in enumerate(ops):
+            outgoing, incoming = _outgoing(op, pp, n_stages), _incoming(op, pp, n_stages)
+            if outgoing is not None:
+                sent_at[outgoing] = index
+            if incoming is not None:
+                posted_at[incoming] = max(0, index - lookahead)
+    return sent_at, posted_at
 
 
 def _accumulate(param: torch.Tensor, grad: torch.Tensor | None) -> None:

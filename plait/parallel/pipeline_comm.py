@@ -3,9 +3,17 @@
 A message is named by (direction, micro-batch, sending virtual stage), and that triple is its
 point-to-point tag, so messages between the same pair of ranks never get mixed up whatever order
 they are posted in. Every message has the micro-batch's hidden-state shape [b, s, dim] and dtype,
-fixed up front, so a receive's buffer is allocated when it is posted. Sends are waited for only
-in `finish` (end of step), so a send never blocks a pass; since tags repeat from step to step,
-`finish` also checks that every receive of the step was consumed.
+fixed up front, so a receive's buffer is allocated when it is posted. Since tags repeat from
+step to step, `finish` (end of step) checks that every receive of the step was consumed.
+
+A send's buffer is kept until the send is done, and no longer: kept to the end of the step,
+a middle rank's sends add up to 2·m·v activation-sized tensors. Gloo cannot say whether a send
+is done short of waiting for it (`is_completed` stays False until `wait`), and waiting before
+the receiver has posted its receive could stall a pass on a neighbour that is itself waiting
+for this rank. So a send is waited for once the schedule proves its receive posted: the
+receiver posts it at a known pass (`posted_at`), and a message the receiver sent in that pass
+or a later one (`sent_at`) has arrived here. The wait then covers only the transfer itself.
+Sends that the step never proves are waited for in `finish`.
 
 A failed wait (peer process gone: connection closed; or the collective timeout) becomes
 `PipelinePeerLost` naming the global rank it was exchanging with -- or, given a shared store,
@@ -15,11 +23,11 @@ the rank whose loss some stage noticed first (failures cascade along the pipe).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 
-from plait.parallel.comm import Comm, Group, Handle
+from plait.comm import Comm, Group, Handle
 from plait.trace import RECV, SEND, TraceRecorder
 
 ACTIVATION, GRADIENT = 0, 1
@@ -48,16 +56,26 @@ class Message:
 
 
 class StageMessenger:
-    """This rank's in-flight pipeline messages for one step; `finish` closes the step."""
+    """This rank's in-flight pipeline messages for one step; `finish` closes the step.
+
+    `sent_at` and `posted_at` time the step's messages by the pass (an index into the rank's
+    list of passes) at which their sender sends them and their receiver posts the receive.
+    Without them every send is kept until `finish`. `peak_pending_sends` is the most send
+    buffers this rank held at once.
+    """
 
     def __init__(self, group: Group, comm: Comm, n_stages: int, shape: tuple[int, ...], dtype: torch.dtype,
-                 device: torch.device, trace: TraceRecorder, store: Any = None):
+                 device: torch.device, trace: TraceRecorder, store: Any = None,
+                 sent_at: Mapping[Message, int] | None = None, posted_at: Mapping[Message, int] | None = None):
         self.group, self.comm, self.n_stages = group, comm, n_stages
         self.pp = group.size
         self.shape, self.dtype, self.device = tuple(shape), dtype, device
         self.trace, self.store = trace, store
+        self.sent_at, self.posted_at = sent_at or {}, posted_at or {}
         self._posted: dict[Message, tuple[torch.Tensor, Handle]] = {}
         self._sends: list[tuple[Handle, Message, torch.Tensor]] = []
+        self._heard: dict[int, int] = {}  # per peer: the latest pass it sent a message in that arrived here
+        self.peak_pending_sends = 0
 
     def is_posted(self, message: Message) -> bool:
         return message in self._posted
@@ -86,6 +104,9 @@ class StageMessenger:
         with self.trace.span(f"recv {'act' if message.direction == ACTIVATION else 'grad'} "
                              f"mb{message.microbatch}", RECV, peer=self.group.ranks[peer]):
             self._guard(peer, f"waiting for {message.describe()}", handle.wait)
+        if message in self.sent_at:
+            self._heard[peer] = max(self._heard.get(peer, -1), self.sent_at[message])
+            self._release_sends()
         return buffer
 
     def send(self, tensor: torch.Tensor, message: Message) -> None:
@@ -97,6 +118,19 @@ class StageMessenger:
                                  lambda: self.comm.send_async(tensor, peer, self.group, tag="pipeline",
                                                               message_tag=message.tag(self.n_stages)))
         self._sends.append((handle, message, tensor))
+        self.peak_pending_sends = max(self.peak_pending_sends, len(self._sends))
+        self._release_sends()  # the receiver may have posted long ago
+
+    def _release_sends(self) -> None:
+        """Wait for the sends whose receives are known to be posted, and let their buffers go."""
+        pending = []
+        for handle, message, tensor in self._sends:
+            peer = self._peer(message, sending=True)
+            if message in self.posted_at and self._heard.get(peer, -1) >= self.posted_at[message]:
+                self._guard(peer, f"sending {message.describe()}", handle.wait)
+            else:
+                pending.append((handle, message, tensor))
+        self._sends = pending
 
     def finish(self) -> None:
         with self.trace.span("wait sends", SEND, count=len(self._sends)):

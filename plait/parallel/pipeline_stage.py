@@ -20,8 +20,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from plait.comm import Comm, Group
 from plait.model.llama import Transformer, rotary_tables
-from plait.parallel.comm import Comm, Group
 from plait.parallel.partition import rank_chunks
 
 

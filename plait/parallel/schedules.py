@@ -20,7 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb")
+from plait.layout.pipeline import canonical_schedule, schedule_problem
+
 
 OpKind = Literal["F", "B", "W"]
 
@@ -41,39 +42,8 @@ class Op:
 
 def check_schedule_config(pp: int, microbatches: int, virtual_stages: int, n_layers: int,
                           schedule: str) -> str | None:
-    """The one-line reason this pipeline cannot run, or None when it can.
-
-    Called while validating the config so that an impossible schedule is a config error before
-    any process starts, never a hang halfway through a step.
-    """
-    if schedule not in SCHEDULES:
-        return f"parallel.pp_schedule={schedule!r} is not one of {', '.join(SCHEDULES)}"
-    if pp < 1:
-        return f"parallel.pp={pp} must be at least 1"
-    if microbatches < 1:
-        return f"parallel.pp_microbatches={microbatches} must be at least 1"
-    if virtual_stages < 1:
-        return f"parallel.pp_virtual_stages={virtual_stages} must be at least 1"
-    if schedule == "interleaved":
-        if pp < 2:
-            return "parallel.pp_schedule='interleaved' needs parallel.pp >= 2"
-        if virtual_stages < 2:
-            return ("parallel.pp_schedule='interleaved' needs parallel.pp_virtual_stages >= 2 "
-                    "(with 1 it is parallel.pp_schedule='1f1b')")
-        # The interleaved order walks micro-batches in groups of pp, one group per chunk in
-        # turn; a partial group would leave a rank waiting for a forward that never comes.
-        if microbatches % pp != 0:
-            return (f"parallel.pp_schedule='interleaved' needs parallel.pp_microbatches "
-                    f"({microbatches}) to be a multiple of parallel.pp ({pp})")
-    elif virtual_stages != 1:
-        return (f"parallel.pp_virtual_stages={virtual_stages} needs parallel.pp_schedule='interleaved' "
-                f"(got {schedule!r})")
-    stages = pp * virtual_stages
-    if n_layers < stages:
-        return (f"model.n_layers={n_layers} is fewer than the {stages} pipeline stages "
-                f"(parallel.pp={pp} x parallel.pp_virtual_stages={virtual_stages}); "
-                f"each stage needs at least one layer")
-    return None
+    """The one-line reason this pipeline cannot run, or None when it can (the layout rule)."""
+    return schedule_problem(pp, microbatches, virtual_stages, n_layers, schedule)
 
 
 def build_schedule(name: str, pp: int, microbatches: int, virtual_stages: int = 1) -> list[list[Op]]:
@@ -81,6 +51,7 @@ def build_schedule(name: str, pp: int, microbatches: int, virtual_stages: int = 
     reason = check_schedule_config(pp, microbatches, virtual_stages, pp * virtual_stages, name)
     if reason is not None:
         raise ValueError(reason)
+    name = canonical_schedule(name)
     builders = {"gpipe": _gpipe_rank, "1f1b": _one_f_one_b_rank, "zb": _zero_bubble_h1_rank}
     if name == "interleaved":
         return [_interleaved_rank(r, pp, microbatches, virtual_stages) for r in range(pp)]

@@ -29,11 +29,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from plait.comm import Comm, Group
 from plait.config import ModelConfig
 from plait.errors import ConfigError
+from plait.layout.tensor import tensor_parallel_problem
 from plait.model.init import init_tensor
 from plait.model.llama import RMSNorm, Transformer
-from plait.parallel.comm import Comm, Group
 from plait.parallel.tensor_comm import TAG, copy_to_tp, enter_tp_region, gather_along, leave_tp_region
 
 
@@ -176,22 +177,11 @@ class ParallelRegionNorm(RMSNorm):
 
 
 def check_tensor_parallel(cfg: ModelConfig, tp: int, sequence_parallel: bool = False, local_seq_len: int | None = None) -> None:
-    """Reject layouts tensor parallelism cannot split, naming the field."""
-    if tp == 1:
-        return
-    if cfg.n_heads % tp:
-        raise ConfigError(f"model.n_heads={cfg.n_heads} is not divisible by parallel.tp={tp}")
-    if cfg.n_kv_heads < tp:
-        raise ConfigError(
-            f"model.n_kv_heads={cfg.n_kv_heads} < parallel.tp={tp}: each tp rank needs at least one "
-            f"key/value head (plait does not replicate kv heads); use parallel.tp <= {cfg.n_kv_heads}")
-    if cfg.n_kv_heads % tp:
-        raise ConfigError(f"model.n_kv_heads={cfg.n_kv_heads} is not divisible by parallel.tp={tp}")
-    if cfg.ffn_dim % tp:
-        raise ConfigError(f"model.ffn_dim={cfg.ffn_dim} is not divisible by parallel.tp={tp}")
+    """Reject layouts tensor parallelism cannot split, naming the field (the layout rule)."""
     seq = cfg.seq_len if local_seq_len is None else local_seq_len
-    if sequence_parallel and seq % tp:
-        raise ConfigError(f"sequence parallelism needs the (per cp rank) sequence {seq} divisible by parallel.tp={tp}")
+    reason = tensor_parallel_problem(cfg.n_heads, cfg.n_kv_heads, cfg.ffn_dim, seq, tp, sequence_parallel)
+    if reason is not None:
+        raise ConfigError(reason)
 
 
 def _swap_norm(norm: RMSNorm, group: Group, comm: Comm, sequence_parallel: bool) -> ParallelRegionNorm:

@@ -28,8 +28,8 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from plait.comm import CHECKPOINT, Comm, Group
 from plait.config import OptimConfig
-from plait.parallel.comm import CHECKPOINT, Comm, Group
 from plait.parallel.data_parallel import GradientReducer
 from plait.parallel.flat import Bucket, make_buckets
 from plait.parallel.optimizer import ELEMENTWISE_STATE, build_optimizer
@@ -219,6 +219,11 @@ class ZeroEngine:
             for param, _, _ in segs:
                 param.grad = None
         self._publish()
+
+    def publish_masters(self) -> None:
+        """After the masters were written from outside (a checkpoint's pieces): the parameters follow."""
+        with torch.no_grad():
+            self._publish()
 
     def _publish(self) -> None:
         """Copy updated masters into the model's parameters and, for stages 1-2, gather them."""

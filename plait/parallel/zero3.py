@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from plait.parallel.comm import Handle
+from plait.comm import Handle
 from plait.parallel.zero import ZeroEngine
 
 

@@ -20,6 +20,7 @@ import statistics
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from plait.config import load_config  # the trainer's own loader, so a run reads as it ran
 from plait.errors import ConfigError
 from plait.plan.cluster import Cluster
 from plait.plan.comm_model import NetworkEfficiency
@@ -44,8 +45,6 @@ class Run:
 
 
 def load_run(run_dir: str | Path) -> Run:
-    from plait.config import load_config  # the trainer's own loader, so the run reads as it ran
-
     path = Path(run_dir)
     if not (path / "config.toml").is_file() or not (path / "metrics.jsonl").is_file():
         raise ConfigError(f"run directory '{run_dir}' needs config.toml and metrics.jsonl")

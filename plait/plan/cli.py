@@ -13,8 +13,13 @@ import dataclasses
 import json
 import sys
 
+from rich.console import Console
+from rich.table import Table
+
+from plait.config import apply_override, config_from_dict, load_config
 from plait.errors import ConfigError
 from plait.plan import models
+from plait.plan.calibrate import calibrate
 from plait.plan.cluster import GB, check_capacity, load_cluster
 from plait.plan.estimate import Assumptions, Estimate, evaluate
 from plait.plan.layouts import parse_layout
@@ -56,8 +61,6 @@ def resolve_model(name: str | None, overrides: list[str]) -> tuple[models.ModelS
                 raise ConfigError(f"--set '{item}' must look like model.field=value for plan preset '{name}'")
             spec = models.override(spec, key.strip(), value.strip())
         return spec, None, "bf16"
-    from plait.config import apply_override, config_from_dict, load_config
-
     if name is None:
         if not overrides:
             raise ConfigError("--model is required (a plan preset, a plait preset or a TOML config)")
@@ -77,8 +80,6 @@ def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     cluster = load_cluster(args.cluster)
     if args.calibrate:
-        from plait.plan.calibrate import calibrate
-
         report = calibrate(args.calibrate, cluster)
         print(json.dumps(report, indent=2) if args.json else _calibration_text(report))
         return 0
@@ -117,9 +118,6 @@ def main(argv: list[str]) -> int:
 
 def _print_table(spec: models.ModelSpec, cluster: str, gpus: int, batch: int, top: list[Estimate],
                  considered: int, fitting: int) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     title = (f"{spec.name} ({spec.n_params() / 1e9:.2f}B) on {gpus} x {cluster}, batch {batch} x {spec.seq_len}: "
              f"{fitting} of {considered} layouts fit")
     table = Table(title=title)

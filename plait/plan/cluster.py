@@ -1,8 +1,8 @@
 """Clusters: devices, nodes, links. Presets for common machines and a TOML format for others.
 
-Every preset is nodes of 8 devices with one network card per device. Figures are datasheet
-values; achieved fractions of them (matmul ceiling, HBM and network efficiency) live in
-`compute.Efficiency` and `comm_model.NetworkEfficiency`, which `plait plan --calibrate` fits.
+Every preset is nodes of 8 devices with one network card per device, built from the
+datasheet figures of plait/hardware.py; achieved fractions of them (matmul ceiling, HBM and
+network efficiency) live in `compute.Efficiency` and `comm_model.NetworkEfficiency`, which `plait plan --calibrate` fits.
 
 A cluster may list `[[node_groups]]` with different network cards (heterogeneous NICs);
 `comm_model.place_stages` then decides which pipeline stages go to which group.
@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from plait.errors import ConfigError
+from plait.hardware import ACCELERATORS, Accelerator
 
 GB = 1e9
 
@@ -47,21 +48,16 @@ class Cluster:
         return sorted(((g.nodes, g.inter_node_bw) for g in self.node_groups), key=lambda x: -x[1])
 
 
-def _preset(name: str, memory_gb: float, peak_tflops: float, hbm_tbs: float, nvlink_gbs: float,
-            nic_gbit: float) -> Cluster:
-    return Cluster(name=name, gpus_per_node=8, device_memory=memory_gb * GB, peak_flops=peak_tflops * 1e12,
-                   hbm_bw=hbm_tbs * 1e12, intra_node_bw=nvlink_gbs * GB, inter_node_bw=nic_gbit / 8 * GB)
+def _preset(name: str, accelerator: Accelerator) -> Cluster:
+    return Cluster(name=name, gpus_per_node=8, device_memory=accelerator.memory_gb * GB,
+                   peak_flops=accelerator.peak_flops, hbm_bw=accelerator.hbm_tbs * 1e12,
+                   intra_node_bw=accelerator.intra_node_gbs * GB, inter_node_bw=accelerator.nic_gbit / 8 * GB)
 
 
-# memory GB, bf16 TFLOP/s, HBM TB/s, intra-node GB/s per direction, NIC Gbit/s per device
+# Built from plait's one hardware table: every accelerator with a standard 8-device node.
 PRESETS: dict[str, Cluster] = {
-    "a100-40gb": _preset("a100-40gb", 40, 312, 1.555, 300, 200),  # NVLink 3, HDR InfiniBand
-    "a100-80gb": _preset("a100-80gb", 80, 312, 2.039, 300, 200),  # DGX A100 / Selene
-    "h100-sxm": _preset("h100-sxm", 80, 989.5, 3.35, 450, 400),  # NVLink 4, NDR
-    "h200": _preset("h200", 141, 989.5, 4.8, 450, 400),
-    "b200": _preset("b200", 180, 2250, 8.0, 900, 400),  # NVLink 5, ConnectX-7
-    # One MI250X package (two GCDs) is one device; Infinity Fabric between packages, Slingshot 200G.
-    "mi250x": _preset("mi250x", 128, 383, 3.2, 200, 200),
+    name: _preset(name, accelerator) for name, accelerator in ACCELERATORS.items()
+    if accelerator.intra_node_gbs and accelerator.nic_gbit
 }
 
 _FIELDS = {

@@ -7,19 +7,23 @@ including tensor-, context- and expert-parallel communication that nothing hides
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 from dataclasses import dataclass, field
 
+from plait.config import accumulation_steps, validate
+from plait.layout.pipeline import canonical_schedule
+from plait.parallel.partition import head_cost_in_layers, partition_layers, rank_chunks
 from plait.plan import comm_model as comm
 from plait.plan import memory as mem
 from plait.plan.cluster import GB, Cluster
 from plait.plan.comm_model import NetworkEfficiency
 from plait.plan.compute import Efficiency, LayerTimes, head_time, layer_times, optimizer_step_time
 from plait.plan.layouts import Layout, check_layout, layers_per_stage
-from plait.plan.models import ModelSpec
+from plait.plan.models import ModelSpec, from_plait_model
 
-BUBBLE_FACTOR = {"1f1b": 1.0, "gpipe": 1.0, "zb-h1": 1 / 3}  # x (p - 1) stage times; interleaved: 1/v
+BUBBLE_FACTOR = {"1f1b": 1.0, "gpipe": 1.0, "zb": 1 / 3}  # x (p - 1) stage times; interleaved: 1/v
 
 
 @dataclass(frozen=True)
@@ -132,7 +136,7 @@ def _fill_times(est: Estimate, model: ModelSpec, cluster: Cluster, layout: Layou
     comm_mb = {"tp": layers * tp_per_layer, "cp": layers * cp_per_layer, "ep": layers * ep_per_layer}
     t_stage = stage_compute + sum(comm_mb.values())
 
-    factor = 1 / layout.virtual_stages if layout.schedule == "interleaved" else BUBBLE_FACTOR[layout.schedule]
+    factor = 1 / layout.virtual_stages if layout.schedule == "interleaved" else BUBBLE_FACTOR[canonical_schedule(layout.schedule)]
     bubble = (pp - 1) * factor * t_stage
 
     # Pipeline point-to-point: activations forward, gradients backward, once per model chunk.
@@ -257,8 +261,6 @@ def rank_shape(m, tp: int, layers: int, first: bool, last: bool) -> RankShape:
 
 def pipeline_ranks(cfg) -> list[RankShape]:
     """Every pipeline rank's share, split by plait's own partition (cost-balanced or explicit)."""
-    from plait.parallel.partition import head_cost_in_layers, partition_layers, rank_chunks
-
     m, p = cfg.model, cfg.parallel
     if p.pp == 1:
         return [rank_shape(m, p.tp, m.n_layers, True, True)]
@@ -391,8 +393,6 @@ def run_activation_bytes(cfg) -> float | None:
     m, p, t = cfg.model, cfg.parallel, cfg.train
     if p.pp > 1:
         return None
-    from plait.plan.models import from_plait_model  # local: keeps this module free of plait.config
-
     layout = Layout(tp=p.tp, cp=p.cp, dp=p.dp, micro_batch=t.micro_batch, recompute=t.recompute,
                     sequence_parallel=p.sequence_parallel and p.tp > 1)
     act = DTYPE_BYTES[t.dtype]
@@ -410,10 +410,6 @@ def predict_run_metrics(cfg, world_size: int, device_type: str | None = None) ->
     separate fp32 master copy when the optimizer's device is not the parameters'.
     Not modelled: activation recomputation's extra forward traffic (tp, cp, ZeRO-3 gathers).
     """
-    import copy
-
-    from plait.config import accumulation_steps, validate  # local: keeps the planner importable alone
-
     cfg = validate(copy.deepcopy(cfg), world_size)
     m, p, t = cfg.model, cfg.parallel, cfg.train
     device_type = device_type or ("cuda" if t.device == "cuda" else "cpu")
@@ -443,6 +439,4 @@ def predict_run_metrics(cfg, world_size: int, device_type: str | None = None) ->
 
 def _dense_params(cfg) -> int:
     """Parameters of the dense model (tied weights once), as the trainer's count."""
-    from plait.plan.models import from_plait_model
-
     return from_plait_model(cfg.model, cfg.name).n_params()

@@ -1,47 +1,22 @@
 """Layouts: one way to split a training job over devices, how to write one, and which exist.
 
-Rank order is tp (fastest varying), cp, dp, pp (slowest), with ep carved out of dp, the order
-Megatron-LM uses: tensor parallel groups stay inside a node whenever tp <= gpus_per_node.
+`Layout` and the rules that decide which layouts run live in plait.layout, shared with config
+validation. Rank order is tp (fastest varying), cp, dp, pp (slowest), the order Megatron-LM
+uses: tensor parallel groups stay inside a node whenever tp <= gpus_per_node.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
 from typing import Iterator
 
 from plait.errors import ConfigError
+from plait.layout import RECOMPUTE, Job, Layout, check_job
+from plait.layout.pipeline import canonical_schedule
 from plait.plan.models import ModelSpec
 
-SCHEDULES = ("1f1b", "interleaved", "gpipe", "zb-h1")
-RECOMPUTE = ("none", "selective", "full")
-
-
-@dataclass(frozen=True)
-class Layout:
-    tp: int = 1
-    pp: int = 1
-    dp: int = 1
-    cp: int = 1
-    ep: int = 1
-    zero: int = 0
-    micro_batch: int = 1
-    schedule: str = "1f1b"
-    virtual_stages: int = 1
-    recompute: str = "none"
-    sequence_parallel: bool = False
-
-    @property
-    def world_size(self) -> int:
-        return self.tp * self.pp * self.dp * self.cp
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    def short(self) -> str:
-        return ",".join(f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in self.to_dict().items())
-
-
+# What --layout may set (etp and pp_layers are runtime settings the estimator does not model yet).
+PLANNER_KEYS = ("tp", "pp", "dp", "cp", "ep", "zero", "micro_batch", "schedule", "virtual_stages", "recompute",
+                "sequence_parallel")
 _INT_KEYS = {"tp", "pp", "dp", "cp", "ep", "zero", "micro_batch", "virtual_stages"}
 
 
@@ -51,8 +26,8 @@ def parse_layout(text: str, n_gpus: int | None = None) -> Layout:
     for item in filter(None, (part.strip() for part in text.split(","))):
         key, sep, value = item.partition("=")
         key, value = key.strip(), value.strip()
-        if not sep or key not in Layout.__dataclass_fields__:
-            raise ConfigError(f"--layout item '{item}' must be key=value with key one of {', '.join(Layout.__dataclass_fields__)}")
+        if not sep or key not in PLANNER_KEYS:
+            raise ConfigError(f"--layout item '{item}' must be key=value with key one of {', '.join(PLANNER_KEYS)}")
         if key in _INT_KEYS:
             try:
                 values[key] = int(value)
@@ -62,6 +37,8 @@ def parse_layout(text: str, n_gpus: int | None = None) -> Layout:
             if value.lower() not in ("true", "false"):
                 raise ConfigError(f"--layout sequence_parallel={value!r} must be true or false")
             values[key] = value.lower() == "true"
+        elif key == "schedule":
+            values[key] = canonical_schedule(value)
         else:
             values[key] = value
     if "dp" not in values and n_gpus is not None:
@@ -75,43 +52,9 @@ def parse_layout(text: str, n_gpus: int | None = None) -> Layout:
 
 
 def check_layout(layout: Layout, model: ModelSpec, n_gpus: int, global_batch: int) -> str | None:
-    """Why this layout cannot run (divisibility, unknown names), or None when it can."""
-    for key in ("tp", "pp", "dp", "cp", "ep", "micro_batch", "virtual_stages"):
-        if getattr(layout, key) < 1:
-            return f"{key}={getattr(layout, key)} must be at least 1"
-    if layout.schedule not in SCHEDULES:
-        return f"schedule={layout.schedule!r} is not one of {', '.join(SCHEDULES)}"
-    if layout.recompute not in RECOMPUTE:
-        return f"recompute={layout.recompute!r} is not one of {', '.join(RECOMPUTE)}"
-    if layout.zero not in (0, 1, 2, 3):
-        return f"zero={layout.zero} must be 0, 1, 2 or 3"
-    if layout.world_size != n_gpus:
-        return f"tp x pp x dp x cp = {layout.world_size} != {n_gpus} GPUs"
-    if model.n_heads % layout.tp or (model.n_kv_heads % layout.tp and layout.tp % model.n_kv_heads):
-        return f"tp={layout.tp} does not divide the {model.n_heads} heads / {model.n_kv_heads} kv heads"
-    if model.ffn_dim % layout.tp:
-        return f"tp={layout.tp} does not divide ffn_dim={model.ffn_dim}"
-    if layout.sequence_parallel and layout.tp == 1:
-        return "sequence_parallel needs tp > 1"
-    if model.seq_len % (layout.cp * (2 if layout.cp > 1 else 1)):
-        return f"seq_len={model.seq_len} is not divisible by 2 x cp={layout.cp} (load-balanced chunks)"
-    if model.seq_len // layout.cp % layout.tp and layout.sequence_parallel:
-        return f"seq_len / cp = {model.seq_len // layout.cp} is not divisible by tp={layout.tp}"
-    if layout.ep > 1 and (model.n_experts % layout.ep or layout.dp % layout.ep):
-        return f"ep={layout.ep} must divide n_experts={model.n_experts} and dp={layout.dp}"
-    chunks = layout.pp * layout.virtual_stages
-    if chunks > model.n_layers:
-        return f"pp x virtual_stages = {chunks} exceeds n_layers={model.n_layers}"
-    if layout.schedule == "interleaved" and (layout.pp == 1 or layout.virtual_stages < 2):
-        return "the interleaved schedule needs pp > 1 and virtual_stages >= 2"
-    if layout.schedule != "interleaved" and layout.virtual_stages != 1:
-        return f"virtual_stages={layout.virtual_stages} needs schedule=interleaved"
-    if global_batch % (layout.dp * layout.micro_batch):
-        return f"global batch {global_batch} is not divisible by dp x micro_batch = {layout.dp * layout.micro_batch}"
-    micro_batches = global_batch // (layout.dp * layout.micro_batch)
-    if layout.schedule == "interleaved" and micro_batches % layout.pp:
-        return f"the interleaved schedule needs the {micro_batches} micro-batches to be a multiple of pp={layout.pp}"
-    return None
+    """Why this layout cannot run, or None when it can: plait.layout's rules, the ones
+    `plait train` validates its config with."""
+    return check_job(Job(layout, model.shape(), n_gpus, global_batch))
 
 
 def layers_per_stage(model: ModelSpec, layout: Layout) -> int:
@@ -153,7 +96,7 @@ def _inner(model: ModelSpec, n_gpus: int, global_batch: int, tp: int, cp: int, p
     eps = [ep for ep in _powers_of_two(dp) if model.n_experts % ep == 0] if model.n_experts > 1 else [1]
     schedules: list[tuple[str, int]] = [("1f1b", 1)]
     if pp > 1:
-        schedules += [("zb-h1", 1), ("gpipe", 1)]
+        schedules += [("zb", 1), ("gpipe", 1)]
         schedules += [("interleaved", v) for v in (2, 3, 4, 6, 8) if pp * v <= model.n_layers]
     for micro_batch in (1, 2, 4, 8, 16):
         if per_replica % micro_batch:

@@ -15,7 +15,9 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
+from plait.config import ModelConfig
 from plait.errors import ConfigError
+from plait.layout import ModelShape
 
 
 @dataclass(frozen=True)
@@ -39,8 +41,29 @@ class ModelSpec:
     # A fused norm (Megatron, Korthikanti et al.) saves only its input for backward; plait's
     # plain-PyTorch RMSNorm also keeps the normalised and the scaled output.
     fused_norm: bool = True
-    n_experts: int = 1  # >1: every MLP is a mixture of experts
+    n_experts: int = 1  # >1: the MLP of MoE layers is a mixture of experts
     experts_per_token: int = 1
+    # plait's MoE shape: every moe_every-th layer is MoE (the others have a dense ffn_dim MLP);
+    # shared experts see every token; each expert's hidden size (0: ffn_dim). Whole-model
+    # parameter counts honour all three; per-layer memory and time take the MoE layer (the
+    # largest) for every layer, an upper bound when moe_every > 1.
+    moe_every: int = 1
+    n_shared_experts: int = 0
+    expert_ffn_dim: int = 0
+
+    def shape(self) -> ModelShape:
+        """What the layout rules (plait.layout) need to know of this model."""
+        return ModelShape(n_layers=self.n_layers, n_heads=self.n_heads, n_kv_heads=self.n_kv_heads,
+                          ffn_dim=self.ffn_dim, seq_len=self.seq_len,
+                          n_experts=self.n_experts if self.n_experts > 1 else 0)
+
+    @property
+    def moe_layers(self) -> int:
+        return self.n_layers // self.moe_every if self.n_experts > 1 else 0
+
+    @property
+    def expert_ffn(self) -> int:
+        return self.expert_ffn_dim or self.ffn_dim
 
     @property
     def head_dim(self) -> int:
@@ -64,11 +87,18 @@ class ModelSpec:
         bias = (self.q_dim + 2 * self.kv_dim + self.dim) if self.biases else 0
         return weights + bias
 
-    def expert_params(self) -> int:
-        """One MLP (one expert)."""
-        weights = self.mlp_matrices * self.dim * self.ffn_dim
-        bias = (self.ffn_dim * (self.mlp_matrices - 1) + self.dim) if self.biases else 0
+    def mlp_params(self, hidden: int) -> int:
+        weights = self.mlp_matrices * self.dim * hidden
+        bias = (hidden * (self.mlp_matrices - 1) + self.dim) if self.biases else 0
         return weights + bias
+
+    def expert_params(self) -> int:
+        """One MLP (one routed expert)."""
+        return self.mlp_params(self.expert_ffn if self.n_experts > 1 else self.ffn_dim)
+
+    def shared_expert_params(self) -> int:
+        """The shared experts of one MoE layer: one MLP of n_shared x the expert's hidden size."""
+        return self.mlp_params(self.n_shared_experts * self.expert_ffn) if self.n_shared_experts else 0
 
     def norm_params(self) -> int:
         return 2 * self.dim if self.norm == "layernorm" else self.dim
@@ -78,7 +108,7 @@ class ModelSpec:
 
     def dense_layer_params(self) -> int:
         """Parameters of one layer that every expert-parallel rank holds (all but the experts)."""
-        return self.attention_params() + self.router_params() + 2 * self.norm_params()
+        return self.attention_params() + self.router_params() + self.shared_expert_params() + 2 * self.norm_params()
 
     def layer_params(self) -> int:
         return self.dense_layer_params() + self.n_experts * self.expert_params()
@@ -93,13 +123,16 @@ class ModelSpec:
 
     def n_params(self) -> int:
         """Every parameter counted once (tied embeddings once), as plait's trainer counts them."""
-        return (self.embedding_params() + self.n_layers * self.layer_params()
-                + self.norm_params() + self.head_params())
+        dense_layers = self.n_layers - self.moe_layers
+        dense_layer = self.attention_params() + self.mlp_params(self.ffn_dim) + 2 * self.norm_params()
+        layers = (self.moe_layers * self.layer_params() + dense_layers * dense_layer if self.n_experts > 1
+                  else self.n_layers * self.layer_params())
+        return self.embedding_params() + layers + self.norm_params() + self.head_params()
 
     def active_params(self) -> int:
         """Parameters one token touches (an MoE token uses experts_per_token experts)."""
         inactive = (self.n_experts - self.experts_per_token) * self.expert_params()
-        return self.n_params() - self.n_layers * inactive
+        return self.n_params() - (self.moe_layers if self.n_experts > 1 else self.n_layers) * inactive
 
     # ---- FLOPs per token ----------------------------------------------------------------------
     def layer_matmul_flops(self) -> float:
@@ -165,12 +198,16 @@ PRESETS: dict[str, ModelSpec] = {
 SPEC_FIELDS = {f.name: f.type for f in dataclasses.fields(ModelSpec)}
 
 
-def from_plait_model(model: object, name: str) -> ModelSpec:
-    """A plait `ModelConfig` (Llama style, flash attention, no dropout) as a ModelSpec."""
+def from_plait_model(model: ModelConfig, name: str) -> ModelSpec:
+    """A plait `ModelConfig` (Llama style, flash attention, no dropout) as a ModelSpec, MoE included."""
+    moe = model.n_experts > 0
     return ModelSpec(
         name=name, dim=model.dim, n_layers=model.n_layers, n_heads=model.n_heads,
         n_kv_heads=model.n_kv_heads, ffn_dim=model.ffn_dim, vocab_size=model.vocab_size,
         seq_len=model.seq_len, tie_embeddings=model.tie_embeddings, fused_norm=False,
+        n_experts=model.n_experts if moe else 1, experts_per_token=model.top_k if moe else 1,
+        moe_every=model.moe_every if moe else 1, n_shared_experts=model.n_shared_experts if moe else 0,
+        expert_ffn_dim=model.moe_ffn_dim if moe else 0,
     )
 
 
@@ -197,7 +234,7 @@ def override(spec: ModelSpec, dotted: str, text: str) -> ModelSpec:
 def check_spec(spec: ModelSpec) -> None:
     """Raise ConfigError for a shape no layout could run."""
     for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size", "seq_len",
-                 "n_experts", "experts_per_token"):
+                 "n_experts", "experts_per_token", "moe_every"):
         if getattr(spec, name) < 1:
             raise ConfigError(f"model.{name}={getattr(spec, name)} must be at least 1")
     if spec.dim % spec.n_heads:

@@ -4,7 +4,8 @@ Each worker process runs `elastic_train` instead of `train`. The membership of t
 sequence of epochs kept in the launcher's store (elastic_launcher.py): epoch e lists the
 workers (by launcher-given id) that form the process group of that epoch; a worker's rank is
 its place in the list. Per epoch the worker joins a process group on its own store prefix,
-builds a Trainer for that world size and trains until one of:
+builds a Trainer for that world size, with the Resilience hooks and this session's (which
+keep the replica and decide to grow after each step), and trains until one of:
 
 - a collective fails (a peer died, or the monitor killed a hung one; the collective timeout
   `parallel.timeout_s` is the backstop): the worker abandons the group, waits for the launcher
@@ -37,10 +38,14 @@ from typing import Any
 import torch.distributed as dist
 
 from plait import config as config_mod
+from plait.comm import CHECKPOINT
 from plait.config import Config
 from plait.errors import PlaitError
-from plait.parallel.comm import CHECKPOINT
 from plait.resilience.heartbeat import STORE_ENV, connect_store
+from plait.resilience.session import Resilience
+from plait.train.hooks import TrainingHooks
+from plait.train.runtime import init_runtime
+from plait.train.trainer import Trainer
 
 ID_ENV = "PLAIT_ELASTIC_ID"  # this worker's id (stable across epochs), set by the launcher
 EPOCH_ENV = "PLAIT_ELASTIC_EPOCH"  # the epoch the worker was started into
@@ -78,21 +83,10 @@ def newest_epoch_with(store: Any, wid: int, after: int, timeout_s: float) -> int
         time.sleep(0.02)
 
 
-class ElasticHooks:
-    """Wraps the Trainer's Resilience: after each committed step, keep the replica and check for joiners."""
+class ElasticSession(TrainingHooks):
+    """This worker's membership across epochs, its replica, and the hooks of each epoch's trainer:
+    after each committed step, keep the replica when due and let joiners in."""
 
-    def __init__(self, inner: Any, session: ElasticSession):
-        self.inner, self.session = inner, session
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
-
-    def end_step(self, trainer: Any, step: int, step_time_s: float) -> None:
-        self.inner.end_step(trainer, step, step_time_s)
-        self.session.after_step(trainer, step)
-
-
-class ElasticSession:
     def __init__(self, cfg: Config, run_dir: Path):
         self.run_dir = run_dir
         self.store = connect_store(os.environ[STORE_ENV], timeout_s=max(60.0, cfg.parallel.timeout_s))
@@ -148,7 +142,7 @@ class ElasticSession:
         n = self.store.add(REGISTERED_KEY, 1)
         self.store.set(REGISTERED_ID_KEY.format(n=n), str(self.wid))
 
-    def after_step(self, trainer: Any, step: int) -> None:
+    def end_step(self, trainer: Trainer, step: int, step_time_s: float) -> None:
         if self.snapshot_every and step % self.snapshot_every == 0:
             self.keep_replica(trainer)
         if step >= trainer.cfg.train.steps:
@@ -183,27 +177,20 @@ class ElasticSession:
             count = self.store.add(REGISTERED_KEY, 0)
         return count
 
-    def keep_replica(self, trainer: Any) -> None:
+    def keep_replica(self, trainer: Trainer) -> None:
         self.replica = (trainer.state.step, trainer.state_files())
 
     # --- state ------------------------------------------------------------------------------
-    def load_replica(self, trainer: Any) -> int:
-        """Rank 0's replica to every rank of the new group, loaded; returns its step."""
-        from plait.train.resume import TrainState
-
+    def load_replica(self, trainer: Trainer) -> int:
+        """Rank 0's replica to every rank of the new group, loaded as a checkpoint would be; returns its step."""
         step, files = trainer.comm.broadcast_object(self.replica if trainer.rt.is_main else None, 0,
                                                     trainer.mesh.world, tag=CHECKPOINT)
-        trainer.parallel.load_full_state(files["model.pt"], files["optimizer.pt"])
-        meta = files["trainer.json"]
-        trainer.state = TrainState(step=int(meta["step"]), tokens=int(meta["tokens"]))
+        trainer.restore(files, f"the replica of step {step}")
         return step
 
 
 def elastic_train(cfg: Config, run_dir: Path) -> None:
     """This worker's part in an elastic job, across every re-formation, until the run finishes."""
-    from plait.train.runtime import init_runtime
-    from plait.train.trainer import DEFAULT_PROMPT, Trainer
-
     session = ElasticSession(cfg, run_dir)
     epoch = int(os.environ.get(EPOCH_ENV, "0"))
     fresh = os.environ.get(JOIN_ENV) != "1"  # a fresh start resumes as any run does (disk)
@@ -221,7 +208,8 @@ def elastic_train(cfg: Config, run_dir: Path) -> None:
         trainer = None
         finished = False
         try:
-            trainer = Trainer(epoch_cfg, run_dir, init_runtime(epoch_cfg))
+            trainer = Trainer(epoch_cfg, run_dir, init_runtime(epoch_cfg),
+                              hooks=[Resilience(epoch_cfg, run_dir), session])
             if fresh:
                 trainer.start()
                 fresh = False
@@ -231,14 +219,9 @@ def elastic_train(cfg: Config, run_dir: Path) -> None:
                 redone = trainer.log.truncate_metrics(step)
                 report_change(trainer, session, epoch, change or {}, step, redone, world, began)
             session.keep_replica(trainer)  # every rank (a collective): a newcomer holds none yet
-            trainer.resilience = ElasticHooks(trainer.resilience, session)
             if trainer.rt.is_main:
                 session.store.set(FORMED_KEY.format(epoch=epoch), "1")
-            result = trainer.fit()
-            trainer.log.event("finished", step=result.final_step, val_loss=result.val_loss)
-            if cfg.train.sample_tokens:
-                result.sample = trainer.sample(DEFAULT_PROMPT, cfg.train.sample_tokens)
-                trainer._say(f"\n--- sample after {result.final_step} steps ---\n{result.sample}\n---")
+            trainer.finish(trainer.fit())
             finished = True
         except Regroup as regroup:
             change = {"reason": "grow", "joiners": regroup.joiners, "world_size_before": world,
@@ -268,7 +251,7 @@ def elastic_train(cfg: Config, run_dir: Path) -> None:
             epoch = found
 
 
-def abandon(trainer: Any) -> None:
+def abandon(trainer: Trainer | None) -> None:
     """Close the trainer (its watchdog and logs) and leave the process group."""
     # Closing what is already broken may fail too; the worker goes on regardless.
     if trainer is not None:
@@ -279,7 +262,7 @@ def abandon(trainer: Any) -> None:
             dist.destroy_process_group()
 
 
-def report_change(trainer: Any, session: ElasticSession, epoch: int, change: dict, step: int,
+def report_change(trainer: Trainer, session: ElasticSession, epoch: int, change: dict, step: int,
                   redone: int, world: int, began: float) -> None:
     """Rank 0 of the new group: the `recovered` (shrink) or `grown` event, on the console too."""
     if not trainer.rt.is_main:
@@ -289,7 +272,7 @@ def report_change(trainer: Any, session: ElasticSession, epoch: int, change: dic
         trainer.log.event("grown", joiners=change["joiners"], resumed_step=step,
                           world_size_before=before, world_size_after=world,
                           transfer_time_s=round(time.time() - began, 3))
-        trainer._say(f"plait: elastic: world grew {before} -> {world} at step {step}")
+        trainer.say(f"plait: elastic: world grew {before} -> {world} at step {step}")
         return
     key = FAULT_KEY.format(epoch=epoch)
     fault = json.loads(session.store.get(key)) if session.store.check([key]) else {}

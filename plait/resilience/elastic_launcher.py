@@ -80,7 +80,8 @@ class ElasticLauncher:
         checked = copy.deepcopy(cfg)
         config_mod.validate(checked, nproc)
         self.micro_batch = checked.train.micro_batch
-        self.procs: dict[int, subprocess.Popen] = {}
+        self.procs: dict[int, subprocess.Popen] = {}  # workers still running
+        self.spawned: dict[int, subprocess.Popen] = {}  # every worker started, exited ones too
         self.guard = ResilienceGuard(cfg, run_dir, nproc, self.worker_pids)
         self.guard.monitor.elastic = True
         self.store = self.guard.store
@@ -93,16 +94,18 @@ class ElasticLauncher:
         self.replace_after: int | None = None  # start a replacement once this epoch trains
 
     def worker_pids(self) -> dict[int, int]:
-        """rank -> pid of the current epoch's members (read by the monitor's thread)."""
-        procs, members = dict(self.procs), list(self.members)
-        return {rank: procs[wid].pid for rank, wid in enumerate(members) if wid in procs}
+        """rank -> pid of the current epoch's members (read by the monitor's thread). A member
+        that has exited stays listed until the next epoch leaves it out, so the monitor sees
+        it gone (a crash) rather than silent (a hang)."""
+        spawned, members = dict(self.spawned), list(self.members)
+        return {rank: spawned[wid].pid for rank, wid in enumerate(members) if wid in spawned}
 
     def spawn(self, epoch: int, join: bool) -> int:
         wid, self.next_id = self.next_id, self.next_id + 1
         # Ranks are the epochs' business (elastic.py), met in the guard's store.
         env = {**base_env(self.job), **self.guard.env(), ID_ENV: str(wid), EPOCH_ENV: str(epoch),
                JOIN_ENV: "1" if join else "0", NPROC_ENV: str(self.nproc), "WORLD_SIZE": str(self.nproc)}
-        self.procs[wid] = spawn_worker(self.args, env)
+        self.procs[wid] = self.spawned[wid] = spawn_worker(self.args, env)
         return wid
 
     def publish(self, members: list[int], fault: dict | None) -> int:

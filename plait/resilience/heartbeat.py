@@ -18,7 +18,7 @@ import time
 from collections import Counter, deque
 from typing import Any
 
-from plait.parallel.comm import CollectiveRecord, Comm
+from plait.comm import CollectiveRecord, Comm
 
 STORE_ENV = "PLAIT_MONITOR_STORE"  # host:port of the launcher's store, set by plait.launch
 KEY = "plait/heartbeat/{rank}"

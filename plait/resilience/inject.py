@@ -15,64 +15,13 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-from plait.errors import ConfigError
+# The grammar lives below the config (plait/fault_spec.py); its names stay importable from here.
+from plait.fault_spec import KINDS, Fault, parse_faults  # noqa: F401
 
-KINDS = ("crash", "hang", "slow")
 FIRED_DIR = ".faults"  # in the run directory: one file per fault that has fired
 CRASH_EXIT_CODE = 43
-
-
-@dataclass(frozen=True)
-class Fault:
-    kind: str
-    rank: int
-    step: int = 1
-    delay: float = 0.0
-    restart: int = -1  # -1: in whichever worker generation reaches the step first
-
-    def describe(self) -> str:
-        extra = f",delay={self.delay:g}" if self.kind == "slow" else ""
-        extra += f",restart={self.restart}" if self.restart >= 0 else ""
-        return f"{self.kind}@rank={self.rank},step={self.step}{extra}"
-
-
-def parse_faults(text: str) -> list[Fault]:
-    """Parse `fault.inject`; anything malformed raises ConfigError naming the field."""
-    faults = []
-    for item in (part.strip() for part in text.split(";")):
-        if not item:
-            continue
-        kind, at, args = item.partition("@")
-        kind = kind.strip()
-        if kind not in KINDS or not at:
-            raise ConfigError(f"fault.inject: '{item}' must look like crash@rank=R,step=S, "
-                              "hang@rank=R,step=S or slow@rank=R,delay=SECONDS")
-        values: dict[str, str] = {}
-        for pair in args.split(","):
-            key, eq, value = pair.partition("=")
-            if not eq or key.strip() not in ("rank", "step", "delay", "restart"):
-                raise ConfigError(f"fault.inject: '{pair}' in '{item}' is not rank=, step=, delay= or restart=")
-            values[key.strip()] = value.strip()
-        try:
-            rank = int(values["rank"])
-            step = int(values.get("step", 1))
-            delay = float(values.get("delay", 0))
-            restart = int(values.get("restart", -1))
-        except KeyError:
-            raise ConfigError(f"fault.inject: '{item}' needs rank=") from None
-        except ValueError:
-            raise ConfigError(f"fault.inject: '{item}' has a value that is not a number") from None
-        if rank < 0 or step < 1:
-            raise ConfigError(f"fault.inject: '{item}' needs rank >= 0 and step >= 1")
-        if kind == "slow" and delay <= 0:
-            raise ConfigError(f"fault.inject: '{item}' needs delay= seconds > 0")
-        if kind != "slow" and "step" not in values:
-            raise ConfigError(f"fault.inject: '{item}' needs step=")
-        faults.append(Fault(kind, rank, step, delay, restart))
-    return faults
 
 
 def fired_marker(run_dir: Path, fault: Fault) -> Path:

@@ -286,7 +286,9 @@ class Monitor:
             self.handled.add(self.generation)
             self._report(verdict, now)
             pid = (self.local_pids() if self.local_pids is not None else {}).get(verdict.rank)
-            if verdict.kind == "hang" and pid is not None:
+            # Only the process that published the silent heartbeat: under an elastic launcher a
+            # rank number can pass to another worker between the heartbeat and this verdict.
+            if verdict.kind == "hang" and pid is not None and pid == beats[verdict.rank]["pid"]:
                 # Its peers would only fail at the collective timeout; end it now so the
                 # launcher restarts the workers (or, in mode none, the job ends) sooner.
                 try:

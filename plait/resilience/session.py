@@ -1,11 +1,13 @@
-"""What the trainer does for resilience, in one object with a few calls from the loop:
+"""What a worker does for resilience, as hooks of the training loop (plait.train.hooks):
 fault injection, the watchdog, in-memory snapshots, and the record of a recovery.
 
+- `attach` puts the fault injector and the watchdog on the trainer's collectives;
 - `begin_step` / `end_step` bracket each step (injection, heartbeat, snapshots);
-- `prefer_snapshot` picks the newest in-memory snapshot over an older disk checkpoint when
-  the workers were restarted;
+- `choose_resume` (`prefer_snapshot`) picks the newest in-memory snapshot over an older disk
+  checkpoint when the workers were restarted;
 - `resumed` writes the `recovered` event: the fault, detection latency, time to recover,
-  steps redone and the world size before and after.
+  steps redone and the world size before and after;
+- `close` stops the watchdog and removes snapshots nobody will resume from.
 
 Snapshots are taken only where they can be used: in restart mode under a launcher that
 restarts (TORCHELASTIC_MAX_RESTARTS > 0), on one node; the watchdog runs only where a monitor listens
@@ -16,43 +18,52 @@ from __future__ import annotations
 
 import json
 import os
-import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from plait.config import Config
-from plait.mesh import Mesh
-from plait.parallel.comm import Comm
 from plait.resilience.heartbeat import STORE_ENV, Watchdog, connect_store, generation
 from plait.resilience.inject import FaultInjector, parse_faults
 from plait.resilience.monitor import FAULT_KEY
 from plait.resilience.processes import SNAPSHOT_DIR_ENV
 from plait.resilience.snapshot import (
-    buddy_rank,
+    KEEP,
     job_id,
     newest_valid_snapshot,
+    prepare_snapshot_root,
     remove_empty,
     remove_snapshots,
     snapshot_root,
     snapshot_step,
-    write_snapshot,
 )
-from plait.train.runtime import Runtime
+from plait.train import checkpoint as ckpt
+from plait.train.hooks import Rejected, TrainingHooks
+from plait.train.sharded import write_sharded_checkpoint
+from plait.train.trainer import Trainer
 
-if TYPE_CHECKING:
-    from plait.train.trainer import Trainer
 
+class Resilience(TrainingHooks):
+    """The resilience of one trainer: pass it to `Trainer(..., hooks=[...])`, which attaches it."""
 
-class Resilience:
-    def __init__(self, cfg: Config, run_dir: Path, rt: Runtime, comm: Comm, mesh: Mesh):
-        r = cfg.resilience
-        self.cfg, self.rt, self.comm, self.mesh = cfg, rt, comm, mesh
-        self.injector = FaultInjector(parse_faults(cfg.fault.inject), rt.rank, run_dir)
-        if self.injector.active:
-            comm.before_collective.append(self.injector.before_collective)
+    def __init__(self, cfg: Config, run_dir: Path):
+        self.cfg, self.run_dir = cfg, run_dir
         self.store: Any = None
         self.watchdog: Watchdog | None = None
+        self.snapshot_every = 0  # what attach() finds possible
+        self.root: Path | None = None  # the job's snapshot folder, if it has one
+        # Under torchrun nobody but the workers can remove the snapshots: they do, on leaving.
+        self.own_cleanup = SNAPSHOT_DIR_ENV not in os.environ
+        self._copy: str | None = None  # "host": the copy this rank commits and removes, if any
+        self._written: dict[str, Any] = {}  # the last snapshot, for the event log
+
+    def attach(self, trainer: Trainer) -> None:
+        """Fault injection and the watchdog on the trainer's collectives; where snapshots go."""
+        cfg, r, rt, comm = self.cfg, self.cfg.resilience, trainer.rt, trainer.comm
+        self.rt = rt
+        self.injector = FaultInjector(parse_faults(cfg.fault.inject), rt.rank, self.run_dir)
+        if self.injector.active:
+            comm.before_collective.append(self.injector.before_collective)
         address = os.environ.get(STORE_ENV)
         if r.mode != "none" and address and rt.world_size > 1:
             self.store = connect_store(address)
@@ -62,13 +73,8 @@ class Resilience:
         # only for now (on several nodes the others could not read rank 0's /dev/shm).
         one_node = rt.world_size == rt.local_world_size
         self.snapshot_every = r.snapshot_every if r.mode == "restart" and restarts > 0 and one_node else 0
-        # Under torchrun nobody but the workers can remove the snapshots: they do, on leaving.
-        self.own_cleanup = SNAPSHOT_DIR_ENV not in os.environ
-        self.root = snapshot_root(run_dir, job_id()) if self.snapshot_every or SNAPSHOT_DIR_ENV in os.environ else None
-        self._copy: str | None = None  # "host" / "buddy": the copy this rank writes, if any
-        self.buddy = buddy_rank(rt.world_size, rt.local_world_size)
-        self._writer: threading.Thread | None = None  # the snapshot being written, if any
-        self._written: dict[str, Any] = {}
+        self.root = (snapshot_root(self.run_dir, job_id()) if self.snapshot_every or SNAPSHOT_DIR_ENV in os.environ
+                     else None)
 
     # --- the loop ---------------------------------------------------------------------------
     def begin_step(self, step: int) -> None:
@@ -86,42 +92,37 @@ class Resilience:
         self._collect_writer(trainer.log, wait=False)
 
     def snapshot(self, trainer: Trainer) -> None:
-        """Gather the full state (collective) and keep it in shared memory on rank 0 and its buddy."""
+        """Every rank writes its own pieces of the state into the job's shared-memory folder, as
+        a sharded checkpoint (collective): no rank gathers the model. Rank 0 commits it."""
         started = time.perf_counter()
-        files = trainer.state_files()
-        copy = "host" if self.rt.rank == 0 else "buddy" if self.rt.rank == self.buddy else None
-        if copy is None:
-            return
-        self._copy = copy
-        self._collect_writer(trainer.log, wait=True)  # one write in flight at a time
-        # The gathered tensors are fresh copies, so serialising, hashing and writing them can
-        # go on in a thread while training continues: off the step's critical path.
-        step, gathered_s = trainer.state.step, time.perf_counter() - started
-        self._writer = threading.Thread(target=self._write, args=(copy, step, files, gathered_s),
-                                        name="plait-snapshot", daemon=True)
-        self._writer.start()
-
-    def _write(self, copy: str, step: int, files: dict, gathered_s: float) -> None:
-        started = time.perf_counter()
+        step = trainer.state.step
+        if self.rt.is_main:
+            self._copy = "host"  # the one copy of a one-node job; rank 0 removes it when done
+            prepare_snapshot_root(self.root)
+        files = trainer.small_files()  # collective
         try:
-            path = write_snapshot(self.root, copy, step, files)
-            self._written = {"step": step, "path": str(path), "seconds": round(gathered_s, 4),
-                             "write_seconds": round(time.perf_counter() - started, 4)}
+            path = write_sharded_checkpoint(self.root / "host", step, trainer.parallel.state_pieces(),
+                                            files if self.rt.is_main else {}, trainer.comm, trainer.mesh.world)
+            if self.rt.is_main:
+                ckpt.prune(self.root / "host", KEEP)
+            self._written = {"step": step, "path": str(path), "seconds": round(time.perf_counter() - started, 4)}
         except OSError as exc:  # shared memory full, say: training goes on, the disk checkpoint remains
             self._written = {"step": step, "error": f"{type(exc).__name__}: {exc}"}
+        self._collect_writer(trainer.log, wait=True)
 
     def _collect_writer(self, log: Any, wait: bool) -> None:
-        """Log a finished background write (from the main thread: RunLog is not thread-safe)."""
-        if self._writer is None or (self._writer.is_alive() and not wait):
+        """Log the snapshot just written, if any (rank 0's log is the one that writes)."""
+        if not self._written:
             return
-        self._writer.join()
-        self._writer = None
-        written = self._written
+        written, self._written = self._written, {}
         log.event("snapshot_failed" if "error" in written else "snapshot_saved", **written)
 
     # --- resume -----------------------------------------------------------------------------
-    def prefer_snapshot(self, path: Path | None, rejected: list[tuple[Path, str]]
-                        ) -> tuple[Path | None, list[tuple[Path, str]], str]:
+    def choose_resume(self, path: Path | None, rejected: Rejected, source: str
+                      ) -> tuple[Path | None, Rejected, str]:
+        return self.prefer_snapshot(path, rejected)  # which tells "disk" from "scratch" itself
+
+    def prefer_snapshot(self, path: Path | None, rejected: Rejected) -> tuple[Path | None, Rejected, str]:
         """Rank 0: the snapshot to resume from when it is newer than the disk checkpoint `path`.
         Returns (path, rejected copies and checkpoints, "memory" | "disk" | "scratch")."""
         on_disk = "disk" if path is not None else "scratch"  # scratch: nothing saved yet
@@ -133,8 +134,9 @@ class Resilience:
             return snapshot, bad + rejected, "memory"
         return path, [(p, why) for p, why in bad if snapshot_step(p) > disk_step] + rejected, on_disk
 
-    def resumed(self, log: Any, step: int, steps_redone: int, source: str) -> None:
+    def resumed(self, trainer: Trainer, steps_redone: int, source: str) -> None:
         """Rank 0, after a restart: what the fault cost, in events.jsonl and on the console."""
+        log, step = trainer.log, trainer.state.step
         gen = generation()
         if gen == 0 or not self.rt.is_main:
             return
@@ -160,8 +162,6 @@ class Resilience:
               f"{record['recovery_time_s']} s after detection", flush=True)
 
     def close(self, finished: bool) -> None:
-        if self._writer is not None:
-            self._writer.join()
         if self.watchdog is not None:
             self.watchdog.stop("done" if finished else "failed")
         restarts = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0"))

@@ -2,14 +2,13 @@
 
 A restarted worker is a new process, so "in memory" has to mean memory that survives its
 process: files in /dev/shm (tmpfs, RAM-backed, no disk I/O), per job. Every
-`resilience.snapshot_every` steps the full, layout-free state (the checkpoint's format:
-parameters, AdamW state, step, RNG states, config) is gathered; after that gather every rank
-holds all of it, so two ranks keep a copy with no further traffic: rank 0 (the host copy)
-and a buddy rank, on the next node when there is one, so that losing a whole node still
-leaves a copy. Each copy is written atomically with a sha256 manifest (checkpoint.py), so a
-torn or corrupted copy is detected and the other copy, or the previous snapshot, or the
-newest disk checkpoint, is used instead. (Restoring reads the copy on rank 0's node, so
-snapshots are taken in one-node jobs only for now: see session.py.)
+`resilience.snapshot_every` steps every rank writes its own pieces of the layout-free state
+(parameters, optimizer state; the sharded checkpoint format of plait/train/sharded.py, so no
+rank ever gathers the model) into the job's folder, and rank 0 adds the step, RNG states and
+config and commits it with a sha256 manifest (checkpoint.py): a torn or corrupted snapshot is
+detected and the previous one, or the newest disk checkpoint, is used instead. The folder is
+the node's shared memory, so snapshots are taken in one-node jobs only for now (session.py);
+`buddy_rank` and the "buddy" copy serve the whole-state snapshots of `write_snapshot`.
 """
 
 from __future__ import annotations
@@ -48,10 +47,16 @@ def buddy_rank(world_size: int, local_world_size: int) -> int:
     return 1 if world_size > 1 else 0
 
 
-def write_snapshot(root: Path, copy: str, step: int, files: dict) -> Path:
+def prepare_snapshot_root(root: Path) -> None:
     if root.parent == private_shm_root():  # torchrun's folder: (re)made private, never through a symlink
         make_private_dir(root.parent)
         make_private_dir(root)
+
+
+def write_snapshot(root: Path, copy: str, step: int, files: dict) -> Path:
+    """A whole-state snapshot written by one rank (the sharded ones are written by every rank
+    with sharded.write_sharded_checkpoint into root / "host")."""
+    prepare_snapshot_root(root)
     path = ckpt.write_checkpoint(root / copy, step, files)
     ckpt.prune(root / copy, KEEP)
     return path

@@ -5,8 +5,13 @@ A checkpoint is a directory `checkpoints/step-00000042/` holding named files and
 temporary sibling directory and renamed into place, so a crash mid-write never leaves a
 directory that looks complete. On resume the newest checkpoint whose files all match the
 manifest is used; a corrupt one is reported and skipped, never silently replaced by a
-fresh start. What goes into the files (full tensors keyed by parameter name, so any
-layout can load them) is decided by the trainer; this module only stores and verifies.
+fresh start.
+
+Two formats: v1 (`model.pt` / `optimizer.pt`: full tensors keyed by parameter name, written by
+rank 0) and v2, sharded (every rank writes its own pieces through DCP into the shared temporary
+folder, rank 0 adds the small files and the manifest and commits; see sharded.py and
+docs/checkpoints.md). Both load into any layout; new checkpoints are v2. A v2 checkpoint may be
+written by a background thread (async_writer.py): the files and the commit are the same.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import json
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +29,23 @@ import torch
 
 from plait.train.rundir import json_text
 
-FORMAT = "plait-checkpoint-v1"
+FORMAT = "plait-checkpoint-v1"  # full tensors in model.pt / optimizer.pt, written by rank 0
+SHARDED_FORMAT = "plait-checkpoint-v2"  # every rank's own pieces, through DCP (sharded.py)
+FORMATS = (FORMAT, SHARDED_FORMAT)
 MANIFEST = "manifest.json"
 STEP_DIR = re.compile(r"^step-(\d{8})$")
+SWAPPED_OUT = re.compile(r"^\.tmp-old-(step-\d{8})-\d+$")  # a checkpoint being replaced (_commit)
+# Test-only: seconds to sleep at each stage of a sharded checkpoint's write (after the temporary
+# folder is made, after the pieces are written, before the rename), so that a crash test can
+# kill a job inside a write (tests/test_checkpoint_crash.py). Never set in real runs.
+TEST_PAUSE_ENV = "PLAIT_TEST_CHECKPOINT_PAUSE_S"
+
+
+def pause_for_tests() -> None:
+    """Sleep for PLAIT_TEST_CHECKPOINT_PAUSE_S seconds if a test set it; otherwise nothing."""
+    seconds = os.environ.get(TEST_PAUSE_ENV)
+    if seconds:
+        time.sleep(float(seconds))
 
 
 def step_dir_name(step: int) -> str:
@@ -86,24 +106,70 @@ def write_checkpoint(root: Path, step: int, files: dict[str, Any]) -> Path:
             _write_file(path, content)
             entries[name] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
         _write_file(tmp / MANIFEST, {"format": FORMAT, "step": step, "files": entries})
-        if final.exists():  # re-saving a step after a resume: swap, never leave a gap
-            old = root / f".tmp-old-{final.name}-{os.getpid()}"
-            final.rename(old)
-            try:
-                tmp.rename(final)
-            except OSError:
-                old.rename(final)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(final)
+        _commit(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # gone already after a successful rename
-    dir_fd = os.open(root, os.O_RDONLY)
+    return final
+
+
+def _commit(tmp: Path, final: Path) -> None:
+    """Rename the complete temporary folder into place: the step of a checkpoint becoming valid."""
+    if final.exists():  # re-saving a step after a resume: swap, never leave a gap
+        old = final.parent / f".tmp-old-{final.name}-{os.getpid()}"
+        final.rename(old)
+        try:
+            tmp.rename(final)
+        except OSError:
+            old.rename(final)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(final)
+    dir_fd = os.open(final.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def remove_leftovers(root: Path) -> None:
+    """Temporary folders of checkpoints that were never committed (a crash mid-write). A crash
+    between the two renames of a swap (`_commit`) leaves the replaced checkpoint as the only
+    copy of its step: it is put back instead."""
+    for stale in root.glob(".tmp-*") if root.is_dir() else ():
+        swapped = SWAPPED_OUT.match(stale.name)
+        if swapped and not (root / swapped.group(1)).exists():
+            stale.rename(root / swapped.group(1))
+            continue
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def sharded_temp_dir(root: Path, step: int) -> Path:
+    """Where every rank writes its files of the checkpoint of `step` before it is committed."""
+    return root / f".tmp-{step_dir_name(step)}"
+
+
+def file_entry(path: Path) -> dict[str, Any]:
+    return {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+
+
+def commit_sharded(root: Path, step: int, rank_entries: dict[str, dict[str, Any]],
+                   small_files: dict[str, Any]) -> Path:
+    """Rank 0, once every rank's pieces are in the temporary folder (their files' entries in
+    `rank_entries`): write the small files, then the manifest last, and commit. On an OSError
+    the temporary folder is removed and the committed checkpoints are as they were."""
+    tmp, final = sharded_temp_dir(root, step), root / step_dir_name(step)
+    try:
+        entries = dict(rank_entries)
+        for name, content in small_files.items():
+            _write_file(tmp / name, content)
+            entries[name] = file_entry(tmp / name)
+        entries[".metadata"] = file_entry(tmp / ".metadata")
+        _write_file(tmp / MANIFEST, {"format": SHARDED_FORMAT, "step": step, "files": entries})
+        pause_for_tests()  # complete but not committed: a crash here must not make it valid
+        _commit(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return final
 
 
@@ -117,8 +183,12 @@ def problem_with(path: Path) -> str | None:
         files = manifest["files"]
     except (json.JSONDecodeError, KeyError, TypeError):
         return "manifest.json is unreadable"
-    if manifest.get("format") != FORMAT:
+    if manifest.get("format") not in FORMATS:
         return f"unknown format {manifest.get('format')!r}"
+    if not isinstance(files, dict) or not all(
+            isinstance(e, dict) and {"bytes", "sha256"} <= set(e) and "/" not in n and n not in ("", ".", "..")
+            for n, e in files.items()):
+        return "manifest.json is unreadable"
     for name, entry in files.items():
         file = path / name
         if not file.is_file():

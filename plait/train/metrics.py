@@ -10,12 +10,16 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Iterator, TextIO
 
 from plait.train.rundir import json_text, write_text_atomic
 
 METRICS_FILE = "metrics.jsonl"
 EVENTS_FILE = "events.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+# How the indices of a row's lists are named in TensorBoard tags: the lists are MoE metrics,
+# one value per MoE layer (moe_imbalance) or per layer and expert (moe_load).
+LIST_LEVELS = ("layer", "expert")
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -37,6 +41,27 @@ def parse_jsonl(text: str) -> list[dict[str, Any]]:
     return rows
 
 
+def scalar_tags(row: dict[str, Any]) -> Iterator[tuple[str, float]]:
+    """(TensorBoard tag, value) for every number of a metrics row but its step.
+
+    A key is its own tag, so the tags dashboards already use (loss, lr, ...) keep their names;
+    a list gives one tag per index (moe_imbalance/layer3, moe_load/layer3/expert5). None (not
+    measured this step) is skipped; text is not a scalar.
+    """
+    for key, value in row.items():
+        if key != "step":
+            yield from _flatten(key, value, 0)
+
+
+def _flatten(tag: str, value: Any, depth: int) -> Iterator[tuple[str, float]]:
+    if isinstance(value, (list, tuple)):
+        level = LIST_LEVELS[depth] if depth < len(LIST_LEVELS) else "index"
+        for i, item in enumerate(value):
+            yield from _flatten(f"{tag}/{level}{i}", item, depth + 1)
+    elif isinstance(value, (int, float)):
+        yield tag, value
+
+
 class RunLog:
     """Appends metrics and events for rank 0; every method is a no-op on other ranks.
 
@@ -48,6 +73,9 @@ class RunLog:
         self.enabled, self.run_dir, self.tensorboard = enabled, run_dir, tensorboard
         self._files: dict[str, TextIO] = {}
         self._tb = None
+        # After a resume: the first step that will be (re)done. TensorBoard drops what older
+        # event files hold from that step on, so a redone step shows one value, not two.
+        self._tb_purge_step: int | None = None
 
     def _append(self, name: str, line: str) -> None:
         path = self.run_dir / name
@@ -69,6 +97,10 @@ class RunLog:
         """
         if not self.enabled:
             return 0
+        self._tb_purge_step = last_step + 1
+        if self._tb is not None:  # reopened on the next row, with the purge marker first
+            self._tb.close()
+            self._tb = None
         path = self.run_dir / METRICS_FILE
         if METRICS_FILE in self._files:
             self._files.pop(METRICS_FILE).close()
@@ -88,15 +120,18 @@ class RunLog:
         self._append(METRICS_FILE, json_text(row) + "\n")
         tb = self._tensorboard()
         if tb is not None:
-            for key in ("loss", "val_loss", "lr", "grad_norm", "tokens_per_s", "mfu"):
-                if row.get(key) is not None:
-                    tb.add_scalar(key, row[key], row["step"])
+            for tag, value in scalar_tags(row):
+                tb.add_scalar(tag, value, row["step"])
+            # Like metrics.jsonl, every step reaches the disk: the writer's own queue would
+            # lose the steps before a crash, which a resume does not redo.
+            tb.flush()
 
     def _tensorboard(self):
         if self._tb is None and self.tensorboard:
             from torch.utils.tensorboard import SummaryWriter  # imported lazily: it is slow to import
 
-            self._tb = SummaryWriter(str(self.run_dir / "tensorboard"))
+            self._tb = SummaryWriter(str(self.run_dir / TENSORBOARD_DIR), purge_step=self._tb_purge_step)
+            self._tb_purge_step = None  # written once, at the head of this event file
         return self._tb
 
     def event(self, kind: str, /, **fields: Any) -> None:

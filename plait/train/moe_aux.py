@@ -30,8 +30,8 @@ from __future__ import annotations
 
 import torch
 
+from plait.comm import BOOKKEEPING, Comm
 from plait.config import Config
-from plait.parallel.comm import BOOKKEEPING, Comm
 from plait.parallel.folding import ExpertGroups, moe_layers
 from plait.parallel.moe_losses import TAG, GlobalBatchCounts, expert_fraction
 

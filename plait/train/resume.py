@@ -1,7 +1,7 @@
 """What a run saves in a checkpoint, which checkpoint it resumes from, and how it restores.
 
-The saved state is layout-independent: full tensors keyed by parameter name (model and
-optimizer), the step and token count (the sampler is a pure function of seed and step, so
+The saved state is layout-independent: boxes of full tensors keyed by parameter name (model
+and optimizer; each rank writes its own, see sharded.py), the step and token count (the sampler is a pure function of seed and step, so
 the step is the data position), each rank's RNG state, the resolved config and the
 tokenizer. Any process count can load it.
 """
@@ -18,6 +18,7 @@ import torch
 from plait import config as config_mod
 from plait.errors import CheckpointError
 from plait.train import checkpoint as ckpt
+from plait.train.sharded import is_sharded
 
 
 @dataclass
@@ -30,9 +31,15 @@ def checkpoint_files(
     params: dict[str, torch.Tensor], optimizer: dict[str, dict[str, torch.Tensor]], state: TrainState,
     cfg: config_mod.Config, rng_states: list[torch.Tensor], tokenizer_json: str, layout: str,
 ) -> dict[str, Any]:
+    """The files of a whole-state (v1) checkpoint: the model and optimizer in full, and the rest."""
+    return {"model.pt": params, "optimizer.pt": optimizer,
+            **small_files(state, cfg, rng_states, tokenizer_json, layout)}
+
+
+def small_files(state: TrainState, cfg: config_mod.Config, rng_states: list[torch.Tensor], tokenizer_json: str,
+                layout: str) -> dict[str, Any]:
+    """Everything but the model and optimizer: what rank 0 adds to a sharded checkpoint."""
     return {
-        "model.pt": params,
-        "optimizer.pt": optimizer,
         "rng.pt": {"torch_cpu": rng_states},
         "trainer.json": {
             "step": state.step, "tokens": state.tokens, "seed": cfg.train.seed,
@@ -125,20 +132,35 @@ def _same_tokenizer(path: Path, tokenizer_json: str | None) -> bool:
         raise CheckpointError(f"checkpoint {path}: tokenizer.json is unreadable") from None
 
 
-def restore(path: Path, load_full_state: Callable[[dict, dict], None], rank: int) -> TrainState:
-    """Load a checkpoint written by any layout; `load_full_state` takes this rank's pieces."""
+STATE_FILES = ("model.pt", "optimizer.pt", "rng.pt", "trainer.json")  # what a resume loads
+SHARDED_FILES = ("rng.pt", "trainer.json")  # and from a sharded checkpoint, besides the pieces
+SHARDED = "sharded"  # in a resume's files: the folder whose pieces hold the model and optimizer
+
+
+def read_state(path: Path) -> dict[str, Any]:
+    """The files of checkpoint (or snapshot) `path` that a resume loads; a sharded checkpoint's
+    model and optimizer are read later, each rank its own pieces (`SHARDED` names the folder)."""
+    sharded = is_sharded(path)
     try:
-        weights = ckpt.read_file(path, "model.pt")
-        optim_state = ckpt.read_file(path, "optimizer.pt")
-        rng = ckpt.read_file(path, "rng.pt")
-        meta = ckpt.read_file(path, "trainer.json")
+        files = {name: ckpt.read_file(path, name) for name in (SHARDED_FILES if sharded else STATE_FILES)}
     except Exception as exc:  # a file that passed its checksum but does not load is still unusable
         raise CheckpointError(f"checkpoint {path} cannot be read: {exc}") from None
+    if sharded:
+        files[SHARDED] = path
+    return files
+
+
+def restore_state(files: dict[str, Any], load_weights: Callable[[dict[str, Any]], None], rank: int,
+                  name: str) -> TrainState:
+    """Load a saved state written by any layout: a checkpoint's files (`read_state`) or a copy
+    kept in memory. `load_weights(files)` loads this rank's part of the model and optimizer;
+    `name` names the state in errors."""
     try:
-        load_full_state(weights, optim_state)
+        load_weights(files)
     except KeyError as exc:
-        raise CheckpointError(f"checkpoint {path} does not match the model: {exc.args[0]}") from None
-    states = rng["torch_cpu"]
+        raise CheckpointError(f"{name} does not match the model: {exc.args[0]}") from None
+    states = files["rng.pt"]["torch_cpu"]
     if rank < len(states):  # on a larger world, new ranks keep their seeded state
         torch.set_rng_state(states[rank])
+    meta = files["trainer.json"]
     return TrainState(step=int(meta["step"]), tokens=int(meta["tokens"]))

@@ -4,6 +4,10 @@ Under torchrun (or `plait train --nproc N`, which uses the same elastic launcher
 environment carries RANK, WORLD_SIZE and the rendezvous store's address; a process
 started directly is a world of one and needs no process group at all. A caller that has
 already initialised torch.distributed (tests do, with a FileStore) is used as it is.
+
+A restarted worker generation meets in the same store as the last one, whose keys (each
+rank's gloo address) are still there: the new ranks would connect to the dead ranks'
+addresses. `generation_store` scopes each generation's keys with a prefix of its own.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -48,6 +53,19 @@ def pick_device(cfg: Config, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
+def generation_store(timeout: datetime.timedelta) -> Any | None:
+    """A store scoped to this worker generation, or None where env:// serves as it is."""
+    env = os.environ
+    if "TORCHELASTIC_RESTART_COUNT" not in env or "MASTER_ADDR" not in env:
+        return None
+    use_agent_store = env.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    rank = int(env["RANK"])
+    store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), int(env["WORLD_SIZE"]),
+                          is_master=not use_agent_store and rank == 0, timeout=timeout,
+                          wait_for_workers=False, multi_tenant=True)
+    return dist.PrefixStore(f"plait/generation-{env['TORCHELASTIC_RESTART_COUNT']}", store)
+
+
 def init_runtime(cfg: Config) -> Runtime:
     env = os.environ
     local_rank = int(env.get("LOCAL_RANK", 0))
@@ -64,8 +82,6 @@ def init_runtime(cfg: Config) -> Runtime:
             backend = "nccl" if device.type == "cuda" else "gloo"
         if backend == "nccl" and device.type != "cuda":
             raise ConfigError("parallel.backend=nccl needs train.device=cuda")
-        from plait.resilience.rendezvous import generation_store
-
         timeout = datetime.timedelta(seconds=cfg.parallel.timeout_s)
         store = generation_store(timeout)  # keeps a restarted generation off the last one's keys
         dist.init_process_group(

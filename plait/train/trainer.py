@@ -1,6 +1,9 @@
 """The training loop, top to bottom: process setup, mesh, data, model, data parallelism,
 optimizer, resume, then steps with evaluation, metrics and checkpoints.
 
+Modes built on the loop (resilience, elastic membership) plug in through hooks (hooks.py);
+with none, the trainer runs plain training.
+
 Layout invariance is built in here: every rank computes the same global batch from
 (seed, step) and takes its rows; the loss of each micro-batch is a sum over tokens divided
 by the *global* token count, and gradients are summed over ranks, so the update is that of
@@ -11,34 +14,46 @@ from __future__ import annotations
 
 import math
 import time
-from contextlib import nullcontext
+from collections.abc import Sequence
+from contextlib import nullcontext, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from plait import config as config_mod
 from plait import errors
+from plait.comm import BOOKKEEPING, CHECKPOINT, Comm
 from plait.config import Config, accumulation_steps
 from plait.data import GlobalSampler, PreparedData, ensure_prepared, eval_starts, get_batch, load_data
 from plait.lowcomm import training as lowcomm
 from plait.mesh import Mesh, ParallelDims
 from plait.model import build_model, count_parameters
-from plait.parallel.comm import BOOKKEEPING, CHECKPOINT, Comm
 from plait.parallel.parallelize import parallelize
 from plait.parallel.recompute import count_saved_activation_bytes
-from plait.resilience.session import Resilience
 from plait.train import checkpoint as ckpt
+from plait.train.async_writer import AsyncCheckpointer, Written
 from plait.train.compute import MicroBatchLoss, plan_compute
 from plait.train.flops import flops_per_token, peak_flops
+from plait.train.hooks import HookChain, TrainingHooks
 from plait.train.metrics import Progress, RunLog
 from plait.train.lr_schedule import lr_at
 from plait.train.moe_aux import build_moe_aux
-from plait.train.resume import TrainState, check_compatible, checkpoint_files, choose_checkpoint, restore
+from plait.train.resume import (
+    SHARDED,
+    TrainState,
+    check_compatible,
+    choose_checkpoint,
+    read_state,
+    restore_state,
+    small_files,
+)
 from plait.train.rundir import write_marker, write_text_atomic
 from plait.train.runtime import Runtime, init_runtime, peak_memory_bytes
 from plait.train.sample import generate
+from plait.train.sharded import load_pieces, stored_tensors, write_sharded_checkpoint
 from plait.trace import COLLECTIVE, TraceRecorder, trace_file_name
 
 
@@ -51,7 +66,11 @@ class TrainResult:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, run_dir: Path, runtime: Runtime):
+    """One rank's training run: `start` (resume), `fit` (the loop), `finish`, `close`.
+
+    `hooks` are the modes plugged into the loop (hooks.py), called in the order given."""
+
+    def __init__(self, cfg: Config, run_dir: Path, runtime: Runtime, hooks: Sequence[TrainingHooks] = ()):
         self.cfg, self.run_dir, self.rt = cfg, run_dir, runtime
         config_mod.validate(cfg, runtime.world_size)
         self.comm = Comm()
@@ -87,10 +106,12 @@ class Trainer:
             self.comm.observers.append(self._trace_collective)
             if self.parallel.runner is not None:
                 self.parallel.runner.trace = self.trace
+        self.checkpointer = self._checkpoint_writer()  # None: checkpoints are written synchronously
         self.state = TrainState()
-        self.resilience = Resilience(cfg, run_dir, runtime, self.comm, self.mesh)
         self.started = False  # set once the resume is accepted and the run directory may be written
         self.warned_not_finite = False
+        self.hooks = HookChain(hooks)
+        self.hooks.attach(self)
 
     # --- setup ----------------------------------------------------------------------------
     def _load_data(self) -> PreparedData:
@@ -110,7 +131,7 @@ class Trainer:
         if self.rt.is_main:
             try:
                 path, rejected = choose_checkpoint(self.cfg, self.run_dir)
-                path, rejected, source = self.resilience.prefer_snapshot(path, rejected)
+                path, rejected, source = self.hooks.choose_resume(path, rejected, "disk" if path else "scratch")
                 warnings = check_compatible(path, self.cfg, self.data.tokenizer.to_json()) if path else []
                 chosen = ("ok", str(path) if path else None, [(str(p), why) for p, why in rejected], warnings)
             except Exception as exc:  # every rank must hear about it, or the others would hang
@@ -120,37 +141,70 @@ class Trainer:
             raise getattr(errors, chosen[1], errors.CheckpointError)(chosen[2])
         _, path, rejected, warnings = chosen
         if path is not None:
-            self.state = restore(Path(path), self.parallel.load_full_state, self.rt.rank)
-            if self.lowcomm is not None:
-                lowcomm.restore_local_state(self.lowcomm, Path(path), self.mesh.describe(), self.rt.rank)
+            self.restore(self._read_checkpoint(Path(path)), f"checkpoint {path}")
         # Accepted: from here on the run directory is written.
         self.started = True
         if self.rt.is_main:
+            # A write that a crash or SIGKILL cut short never committed: its temporary folder goes.
+            ckpt.remove_leftovers(self.run_dir / "checkpoints")
             self.run_dir.mkdir(parents=True, exist_ok=True)
             write_marker(self.run_dir)
             write_text_atomic(self.run_dir / "config.toml", config_mod.to_toml(self.cfg))
         for bad, why in rejected:
             self.log.event("checkpoint_corrupt", path=bad, reason=why)
-            self._say(f"warning: checkpoint {bad} is unusable ({why}); falling back to the previous one")
+            self.say(f"warning: checkpoint {bad} is unusable ({why}); falling back to the previous one")
         for warning in warnings:
             self.log.event("warning", message=warning)
-            self._say(f"warning: {warning}")
-        dropped = 0
+            self.say(f"warning: {warning}")
+        # Rows past the resumed step (all of them on a fresh start) belong to an attempt that
+        # did not reach its next checkpoint: they are redone.
+        dropped = self.log.truncate_metrics(self.state.step)
         if path is not None:
-            dropped = self.log.truncate_metrics(self.state.step)
             self.log.event("resumed", checkpoint=path, step=self.state.step, dropped_metric_rows=dropped)
-            self._say(f"resumed from {path} at step {self.state.step}")
-        self.resilience.resumed(self.log, self.state.step, dropped, source)  # after a restart
+            self.say(f"resumed from {path} at step {self.state.step}")
+        self.hooks.resumed(self, dropped, source)
         self.log.event(
             "start", name=self.cfg.name, world_size=self.rt.world_size, layout=self.mesh.describe(),
             parameters=self.n_params, device=str(self.rt.device), data=self.data.description,
             step=self.state.step, steps=self.cfg.train.steps, compute=self.compute.describe(),
         )
-        self._say(
+        self.say(
             f"plait: {self.cfg.name}, {self.n_params / 1e6:.2f}M parameters, {self.mesh.describe()} "
             f"on {self.rt.device.type}, accumulation {self.accum}; {self.data.description}"
         )
-        self._say(f"compute: {self.compute.describe()}")
+        self.say(f"compute: {self.compute.describe()}")
+
+    def _read_checkpoint(self, path: Path) -> dict[str, Any]:
+        """The files a resume from checkpoint `path` loads, with each rank's local state if any."""
+        files = read_state(path)
+        if self.lowcomm is not None and (path / lowcomm.LOCAL_STATE_FILE).exists():
+            files[lowcomm.LOCAL_STATE_FILE] = ckpt.read_file(path, lowcomm.LOCAL_STATE_FILE)
+        return files
+
+    def restore(self, files: dict[str, Any], name: str) -> None:
+        """Load a saved state into this trainer, whatever layout wrote it: a checkpoint's files,
+        or the same files kept in memory (`state_files`). `name` names the state in errors."""
+        self._checkpoint_written(wait=True)  # a checkpoint still being written is committed first
+        self.state = restore_state(files, self._load_weights, self.rt.rank, name)
+        if self.lowcomm is not None:
+            lowcomm.restore_local_state(self.lowcomm, files.get(lowcomm.LOCAL_STATE_FILE), self.mesh.describe(),
+                                        self.rt.rank, name)
+
+    def _load_weights(self, files: dict[str, Any]) -> None:
+        """This rank's part of the model and optimizer: its own pieces of a sharded checkpoint
+        (collective), or its slices of the full tensors of a whole-state one."""
+        if SHARDED not in files:
+            self.parallel.load_full_state(files["model.pt"], files["optimizer.pt"])
+            return
+        path = files[SHARDED]
+        try:
+            stored = {key: (tuple(entry.size), entry.properties.dtype)
+                      for key, entry in stored_tensors(path).items()}
+            pieces, finish = self.parallel.load_targets(stored)
+            load_pieces(path, pieces, self.mesh.world.process_group if self.mesh.world.size > 1 else None)
+        except errors.CheckpointError as exc:
+            raise errors.CheckpointError(f"checkpoint {path}: {exc}") from None
+        finish()
 
     def _warn_once_if_not_finite(self, step: int, loss: float) -> None:
         """Say it (once per run) when the loss turns NaN or infinite; the JSON files record null."""
@@ -160,7 +214,7 @@ class Trainer:
         message = (f"the training loss is {loss} at step {step} (metrics.jsonl records null); "
                    "a learning rate too high (optim.lr) or bad data are the usual causes")
         self.log.event("warning", message=message, step=step)
-        self._say(f"warning: {message}")
+        self.say(f"warning: {message}")
 
     def _trace_collective(self, record) -> None:
         if record.op in ("send", "recv"):  # the pipeline runner traces its own messages
@@ -170,7 +224,8 @@ class Trainer:
         self.trace.add(f"{record.op} {record.group}", COLLECTIVE, start, end,
                        seq=record.seq, bytes=record.bytes_sent, tag=record.tag)
 
-    def _say(self, text: str) -> None:
+    def say(self, text: str) -> None:
+        """Print on rank 0 only."""
         if self.rt.is_main:
             print(text, flush=True)
 
@@ -276,7 +331,7 @@ class Trainer:
         last_saved = self.state.step if self.state.step else None
         try:
             for step in range(self.state.step + 1, cfg.train.steps + 1):
-                self.resilience.begin_step(step)
+                self.hooks.begin_step(step)
                 started = time.perf_counter()
                 local_loss, grad_norm, lr, activation_bytes = self.train_step(step)
                 if self.rt.device.type == "cuda":
@@ -304,9 +359,11 @@ class Trainer:
                 if step == cfg.train.steps or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
                     self.save_checkpoint()
                     last_saved = step
-                self.resilience.end_step(self, step, step_time)
+                self._checkpoint_written(wait=False)  # logs a background write once it is committed
+                self.hooks.end_step(self, step, step_time)
             if last_saved != self.state.step:
                 self.save_checkpoint()
+            self._checkpoint_written(wait=True)  # the run ends with its last checkpoint committed
         finally:
             progress.close()
             if self.cfg.log.trace:
@@ -318,24 +375,66 @@ class Trainer:
         """The files of a checkpoint or snapshot, on every rank (collective over the world):
         the layout-free model and optimizer, the RNG states and, for local SGD or compression,
         each rank's own state."""
-        rng_states = self.comm.all_gather_object(torch.get_rng_state(), self.mesh.world, tag=CHECKPOINT)
+        files = self.small_files()
         params, optim = self.parallel.full_state()
-        files = checkpoint_files(params, optim, self.state, self.cfg, rng_states,
-                                 self.data.tokenizer.to_json(), self.mesh.describe())
+        return {"model.pt": params, "optimizer.pt": optim, **files}
+
+    def small_files(self) -> dict[str, Any]:
+        """A checkpoint's files besides the model and optimizer (collective: RNG states and
+        local-SGD state are gathered from every rank)."""
+        rng_states = self.comm.all_gather_object(torch.get_rng_state(), self.mesh.world, tag=CHECKPOINT)
+        files = small_files(self.state, self.cfg, rng_states, self.data.tokenizer.to_json(), self.mesh.describe())
         if self.lowcomm is not None:
             local_states = self.comm.all_gather_object(self.lowcomm.state_dict(), self.mesh.world, tag=CHECKPOINT)
             files[lowcomm.LOCAL_STATE_FILE] = {"layout": self.mesh.describe(), "ranks": local_states}
         return files
 
     def save_checkpoint(self) -> None:
-        files = self.state_files()
-        if self.rt.is_main:
-            path = ckpt.write_checkpoint(self.run_dir / "checkpoints", self.state.step, files)
-            removed = ckpt.prune(self.run_dir / "checkpoints", self.cfg.checkpoint.keep)
-            self.log.event("checkpoint_saved", step=self.state.step, path=str(path),
-                           pruned=[p.name for p in removed])
-        # Nobody moves on (or exits) until the checkpoint is complete on disk.
-        self.comm.barrier(self.mesh.world)
+        """Every rank writes its own pieces of the model and optimizer (sharded.py); rank 0 adds
+        the small files and commits (collective). Synchronous: returns once the checkpoint is on
+        disk. Asynchronous (`self.checkpointer`): returns once this rank's pieces are copied to
+        host memory; the previous checkpoint is waited for first, and its failure raised here."""
+        root = self.run_dir / "checkpoints"
+        self._checkpoint_written(wait=True)  # at most one in flight
+        files = self.small_files()
+        mine = files if self.rt.is_main else {}
+        if self.checkpointer is not None:
+            self.checkpointer.start(root, self.state.step, self.parallel.state_pieces(), mine,
+                                    self.cfg.checkpoint.keep)
+            return
+        started = time.perf_counter()
+        path = write_sharded_checkpoint(root, self.state.step, self.parallel.state_pieces(), mine, self.comm,
+                                        self.mesh.world)
+        pruned = [p.name for p in ckpt.prune(root, self.cfg.checkpoint.keep)] if self.rt.is_main else []
+        self._log_saved(Written(self.state.step, path, pruned, time.perf_counter() - started))
+
+    def _checkpoint_writer(self) -> AsyncCheckpointer | None:
+        """The background writer, where checkpoint.async_save asks for it and it is safe: with
+        several processes. It gets a gloo group of its own, made here (collective: every rank
+        decides alike, from the config). Checkpoints are written synchronously instead by
+        - a single process: plait's one-process runs are the small ones, whose writes take
+          milliseconds, and they (and their tests) count on a checkpoint being committed when
+          the step that saved it ends;
+        - local SGD and compressed gradients: their per-worker state (local_state.pt) is
+          gathered whole to rank 0 at the checkpoint, outside the pieces and their staging."""
+        if not self.cfg.checkpoint.async_save or self.rt.world_size == 1 or self.lowcomm is not None:
+            return None
+        return AsyncCheckpointer.create(self.rt.world_size, self.rt.rank, self.cfg.parallel.timeout_s)
+
+    def _checkpoint_written(self, wait: bool) -> None:
+        """Log the checkpoint the background writer has committed, if any. With `wait`, wait for
+        the one in flight first and raise its failure here: the same error on every rank (a
+        full disk: CollectiveOSError), as a synchronous save raises it."""
+        written = self.checkpointer.finished(wait) if self.checkpointer is not None else None
+        if written is None:
+            return
+        if written.error is not None:
+            raise written.error
+        self._log_saved(written)
+
+    def _log_saved(self, written: Written) -> None:
+        self.log.event("checkpoint_saved", step=written.step, path=str(written.path), pruned=written.pruned,
+                       seconds=round(written.seconds, 4), background=written.background)
 
     def sample(self, prompt: str, n_tokens: int) -> str | None:
         """Text from a dense copy of the trained model on rank 0 (collective: all ranks call it)."""
@@ -347,27 +446,42 @@ class Trainer:
         return generate(dense, self.data.tokenizer, prompt, n_tokens, self.cfg.model.seq_len,
                         seed=self.cfg.train.seed, device=self.rt.device)
 
+    def finish(self, result: TrainResult) -> None:
+        """After `fit`: the `finished` event, then the sample train.sample_tokens asks for, printed
+        (collective: all ranks call it)."""
+        self.log.event("finished", step=result.final_step, val_loss=result.val_loss)
+        if self.cfg.train.sample_tokens:
+            result.sample = self.sample(DEFAULT_PROMPT, self.cfg.train.sample_tokens)
+            self.say(f"\n--- sample after {result.final_step} steps ---\n{result.sample}\n---")
+
     def close(self) -> None:
-        self.resilience.close(finished=self.state.step >= self.cfg.train.steps)
-        self.log.close()
+        """Release the run: a checkpoint still being written is committed first (fit has waited
+        for it already unless it was left by an exception, which is what goes on being raised)."""
+        try:
+            self._checkpoint_written(wait=True)
+        except Exception as exc:  # noqa: BLE001 - the exception that left fit is the one reported
+            with suppress(OSError):  # the full disk may refuse this line too
+                self.log.event("checkpoint_failed", error_type=type(exc).__name__,
+                               message=str(exc).splitlines()[0] if str(exc) else "")
+        finally:
+            self.hooks.close(finished=self.state.step >= self.cfg.train.steps)
+            self.log.close()
 
 
 DEFAULT_PROMPT = "\n"
 
 
-def train(cfg: Config, run_dir: Path) -> TrainResult:
-    """Run (or resume) training in this process as one rank of the job; print a sample at the end."""
+def train(cfg: Config, run_dir: Path, hooks: Sequence[TrainingHooks] = ()) -> TrainResult:
+    """Run (or resume) training in this process as one rank of the job; print a sample at the end.
+    `hooks`: the modes plugged into the loop (plait.resilience builds those of `plait train`)."""
     runtime = init_runtime(cfg)
-    trainer = Trainer(cfg, Path(run_dir), runtime)
+    trainer = Trainer(cfg, Path(run_dir), runtime, hooks)
     try:
         trainer.start()
         if trainer.state.step >= cfg.train.steps:
-            trainer._say(f"already at step {trainer.state.step} of {cfg.train.steps}: nothing to train")
+            trainer.say(f"already at step {trainer.state.step} of {cfg.train.steps}: nothing to train")
         result = trainer.fit()
-        trainer.log.event("finished", step=result.final_step, val_loss=result.val_loss)
-        if cfg.train.sample_tokens:
-            result.sample = trainer.sample(DEFAULT_PROMPT, cfg.train.sample_tokens)
-            trainer._say(f"\n--- sample after {result.final_step} steps ---\n{result.sample}\n---")
+        trainer.finish(result)
         return result
     except Exception as exc:
         if trainer.started:  # a refused start leaves the run directory as it was

@@ -1,4 +1,4 @@
-"""`plait btm branch|train|merge|eval`: the command line of Branch-Train-Merge (btm.py)."""
+"""`plait btm branch|train|merge|eval`: the command line of Branch-Train-Merge (workflow.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from plait.lowcomm import btm
+from plait.btm import workflow as btm
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -36,7 +36,9 @@ from plait import config as config_mod
 from plait.data import eval_starts, get_batch, load_data
 from plait.errors import CheckpointError, ConfigError, PlaitError
 from plait.train import checkpoint as ckpt
+from plait.train.runtime import init_runtime
 from plait.train.trained import Trained, load_trained
+from plait.train.trainer import Trainer
 
 MANIFEST = "btm.json"
 MERGED = "merged"
@@ -96,9 +98,6 @@ def branch(btm_dir: Path, seed: Path, domains: list[str], steps: int, overrides:
 def train(btm_dir: Path, only: str | None = None) -> dict[str, int]:
     """Train the experts one after another in this process; returns each one's count of
     collectives entered (through the comm module), which BTM keeps at zero."""
-    from plait.train.runtime import init_runtime
-    from plait.train.trainer import Trainer
-
     calls = {}
     for run_dir in expert_dirs(btm_dir):
         if only is not None and run_dir.name != only:
