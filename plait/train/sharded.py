@@ -48,6 +48,14 @@ from plait.train import checkpoint as ckpt
 METADATA_FILE = ".metadata"
 
 
+class UndecodableTensor(CheckpointError):
+    """Stored tensor data that does not load (damaged, or not tensors at all)."""
+
+    def __init__(self, message: str, error_type: str):
+        super().__init__(message)
+        self.error_type = error_type
+
+
 class PieceSavePlanner(dcp.DefaultSavePlanner):
     """Saves the pieces this rank writes (`Piece.write`); the state dict passed to DCP is unused."""
 
@@ -186,13 +194,13 @@ def load_pieces(directory: Path, pieces: list[Piece], group: dist.ProcessGroup |
             dcp.load({}, storage_reader=SafeReader(str(directory)), planner=PieceLoadPlanner(pieces),
                      process_group=group, no_dist=group is None)
     except CheckpointException as exc:  # DCP gathers every rank's failure: report the first
-        first = next((v[0] for v in exc.failures.values() if isinstance(v, tuple) and v), exc)
+        first = _failures(exc)[0]
         if isinstance(first, (CheckpointError, OSError)):
             raise first from None  # a checkpoint that does not fit; the machine's refusal (exit 1)
         # A stored tensor that does not decode: torch's own message suggests weights_only=False,
         # exactly what must not be done with a file of unknown origin, so it is not repeated.
-        raise CheckpointError(f"a stored tensor of {directory.name} does not decode "
-                              f"({type(first).__name__})") from None
+        raise UndecodableTensor(f"a stored tensor of {directory.name} does not load: {type(first).__name__}",
+                                type(first).__name__) from None
 
 
 @contextlib.contextmanager
@@ -214,7 +222,10 @@ def read_tensor(directory: Path, key: str, entry: TensorStorageMetadata | None =
     that tensor (plus one stored chunk at a time)."""
     entry = entry or stored_tensors(directory)[key]
     full = torch.empty(tuple(entry.size), dtype=entry.properties.dtype)
-    load_pieces(directory, [Piece(key, tuple(entry.size), (0,) * len(entry.size), full, False)], None)
+    try:
+        load_pieces(directory, [Piece(key, tuple(entry.size), (0,) * len(entry.size), full, False)], None)
+    except UndecodableTensor as exc:
+        raise CheckpointError(f"{key} does not load: {exc.error_type}") from None
     return full
 
 
@@ -280,16 +291,15 @@ def _collective_error(description: tuple) -> BaseException:
     return RuntimeError(f"writing a checkpoint failed: {description[1]}")
 
 
+def _failures(exc: BaseException) -> list[BaseException]:
+    """What went wrong: each rank's exception for DCP's CheckpointException (which wraps every
+    failure it gathered as (exception, stack summary)), else `exc` itself."""
+    if isinstance(exc, CheckpointException):
+        return [v[0] for v in exc.failures.values() if isinstance(v, tuple) and v] or [exc]
+    return [exc]
+
+
 def _as_os_error(exc: BaseException) -> BaseException:
-    """The OSError behind a failed DCP write (it wraps each rank's exception), else `exc` itself."""
-    seen: list[BaseException] = [exc]
-    while seen:
-        current = seen.pop()
-        if isinstance(current, OSError):
-            return current
-        if isinstance(current, CheckpointException):  # {rank: (exception, stack summary)}
-            seen.extend(v[0] for v in current.failures.values() if isinstance(v, tuple) and v)
-        for linked in (current.__cause__, current.__context__):
-            if linked is not None:
-                seen.append(linked)
-    return exc
+    """The machine's refusal behind a failed write (_Writer raises it as an OSError), else the first failure."""
+    failures = _failures(exc)
+    return next((f for f in failures if isinstance(f, OSError)), failures[0])

@@ -24,7 +24,6 @@ from typing import Any, TextIO
 
 import torch
 from torch import nn
-from torch.distributed.checkpoint.api import CheckpointException
 
 from plait import config as config_mod
 from plait.data import Tokenizer, tokenizer_from_json
@@ -54,7 +53,7 @@ class Trained:
         if not param.is_meta:
             return param.detach()
         try:
-            return _read_parameter(self.path, f"{MODEL}/{name}", self.stored[f"{MODEL}/{name}"])
+            return read_tensor(self.path, f"{MODEL}/{name}", self.stored[f"{MODEL}/{name}"])
         except CheckpointError as exc:
             raise CheckpointError(f"checkpoint {self.path}: {exc}") from None
 
@@ -161,34 +160,12 @@ def _load_sharded(path: Path, cfg: config_mod.Config, weights: bool) -> tuple[nn
             for name, param in model.named_parameters():
                 key = prefix + name
                 try:
-                    tensor = _read_parameter(path, key, stored[key])
+                    tensor = read_tensor(path, key, stored[key])
                 except CheckpointError as exc:
                     raise _Unusable(str(exc)) from exc
                 param.copy_(tensor)
                 del tensor  # before the next one is read: one tensor beside the model at a time
     return model, stored
-
-
-def _read_parameter(path: Path, key: str, entry: Any) -> torch.Tensor:
-    """`read_tensor`, failing as the CLI reports: the machine's refusal as the OSError it is
-    (exit 1), a stored tensor that does not decode as one line naming it (exit 2)."""
-    try:
-        return read_tensor(path, key, entry)
-    except CheckpointError as exc:
-        cause = _failure_in_dcp(exc.__context__)  # read_tensor raises from DCP's own exception
-        if cause is None or isinstance(cause, PlaitError):
-            raise
-        if isinstance(cause, OSError):
-            raise cause from None
-        # Named by type only: torch's message suggests weights_only=False (see _decode).
-        raise CheckpointError(f"{key} does not load: {type(cause).__name__}") from None
-
-
-def _failure_in_dcp(exc: BaseException | None) -> BaseException | None:
-    """The first exception a CheckpointException of DCP gathered (it wraps every failure)."""
-    if not isinstance(exc, CheckpointException):
-        return None
-    return next((failure[0] for failure in exc.failures.values() if isinstance(failure, tuple) and failure), None)
 
 
 def _decode(path: Path, name: str, read: Callable[[Path], Any], failure: str = "does not decode") -> Any:
