@@ -12,6 +12,7 @@ buffer; broadcast and point-to-point B.
 
 from __future__ import annotations
 
+import datetime
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
@@ -43,6 +44,16 @@ class Group:
     @staticmethod
     def single(name: str, global_rank: int) -> "Group":
         return Group(name=name, ranks=[global_rank], rank=0)
+
+
+def new_group(ranks: list[int], timeout_s: float | None) -> Any:
+    """A process group over `ranks` (collective over the whole world, as torch's new_group is).
+
+    `timeout_s` should be the job's `parallel.timeout_s`: torch gives a new group its backend's
+    default timeout (30 minutes for gloo), not the world group's, so a collective with a lost
+    peer in a sub-group would otherwise outlast every fault deadline."""
+    timeout = datetime.timedelta(seconds=timeout_s) if timeout_s else None
+    return dist.new_group(ranks, timeout=timeout)
 
 
 @dataclass

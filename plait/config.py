@@ -23,6 +23,7 @@ from typing import Any, Literal
 from plait.errors import ConfigError
 from plait.fault_spec import parse_faults
 from plait.layout import Features, Job, Layout, ModelShape, check_job
+from plait.layout.batch import batch_problem, micro_batches
 from plait.layout.pipeline import SCHEDULE_ALIASES
 
 
@@ -53,7 +54,7 @@ class ParallelConfig:
     dp: int = 0  # 0: the world size divided by tp x cp x pp
     tp: int = 1
     pp: int = 1
-    pp_microbatches: int = 0  # micro-batches per step in the pipeline; 0: global_batch / (dp x micro_batch)
+    pp_microbatches: int = 0  # micro-batches per step in the pipeline; 0: the accumulation steps (layout/batch.py)
     pp_schedule: Literal["gpipe", "1f1b", "interleaved", "zb"] = "1f1b"
     pp_virtual_stages: int = 1  # model chunks per pipeline rank (interleaved schedule)
     pp_layers: list[int] = field(default_factory=list)  # layers per virtual stage; []: balanced by cost
@@ -76,7 +77,7 @@ class ParallelConfig:
 class TrainConfig:
     steps: int = 500
     global_batch: int = 32  # sequences per optimizer step, summed over all ranks
-    micro_batch: int = 0  # sequences per forward pass per rank; 0: global_batch / dp
+    micro_batch: int = 0  # most sequences per forward pass per rank; 0: ceil(global_batch / dp)
     seed: int = 1234
     dtype: Literal["fp32", "bf16"] = "fp32"
     eval_every: int = 100  # 0: evaluate only at the end
@@ -193,7 +194,18 @@ class ResilienceConfig:
     # steps between in-memory snapshots (restart mode under a launcher) or replicas (elastic); 0: none
     snapshot_every: int = 25
     heartbeat_s: float = 0.5  # how often each rank's watchdog publishes its heartbeat
-    hang_s: float = 0.0  # a collective waited in this long with a rank missing is a hang; 0: timeout_s / 2
+    # A collective is hung when the ranks in it have waited max(hang_min_s, hang_k x the median
+    # step time) while a live rank that is training (past resilience.warmup_steps, outside an
+    # announced long phase: evaluation, checkpoint, snapshot) has not entered it.
+    hang_min_s: float = 5.0
+    hang_k: float = 10.0
+    warmup_steps: int = 3  # steps (after each start) before the fast hang rule applies
+    # An explicit hang threshold, applied in every phase; 0: the fast rule above, with
+    # parallel.timeout_s / 2 as the backstop for long phases and warm-up.
+    hang_s: float = 0.0
+    # After the first rank is seen gone, how long the monitor gathers evidence (the other
+    # ranks' last heartbeats, further exits) before naming the culprit.
+    settle_s: float = 1.5
     slow_k: float = 8.0  # a rank is slow when its lateness exceeds the median by slow_k MADs ...
     slow_window: int = 8  # ... over this many steps (and by at least slow_min_fraction of a step)
     slow_min_fraction: float = 0.1
@@ -275,10 +287,12 @@ RANGES: dict[str, Range] = {
         "optim.min_lr", "optim.warmup_steps", "optim.weight_decay", "optim.grad_clip",
         "sync.clip", "compression.warmup_steps", "checkpoint.every",
         "resilience.max_restarts", "resilience.snapshot_every", "resilience.slow_window",
+        "resilience.warmup_steps",
     ], NOT_NEGATIVE),
     **dict.fromkeys([
         "model.rope_theta", "model.norm_eps", "parallel.bucket_mb", "optim.lr", "optim.eps", "optim.scale",
         "sync.outer_lr", "sync.gap_penalty", "compression.min_compression", "resilience.slow_k",
+        "resilience.hang_k",
     ], POSITIVE),
     **dict.fromkeys(["optim.betas", "optim.momentum", "sync.outer_momentum", "resilience.slow_min_fraction"],
                     FRACTION),
@@ -286,6 +300,7 @@ RANGES: dict[str, Range] = {
     "parallel.timeout_s": DURATION,
     "resilience.heartbeat_s": DURATION,
     **dict.fromkeys(["resilience.hang_s", "resilience.grow_wait_s", "resilience.slow_min_s"], DURATION_OR_OFF),
+    **dict.fromkeys(["resilience.hang_min_s", "resilience.settle_s"], DURATION),
 }
 
 
@@ -512,24 +527,32 @@ def _derive_sizes(cfg: Config, world_size: int) -> None:
             f"parallel.dp={p.dp} x tp={p.tp} x cp={p.cp} x pp={p.pp} = {p.dp * others} != world size {world_size}"
         )
     if t.micro_batch == 0:
-        if t.global_batch % p.dp:
-            raise ConfigError(f"train.global_batch={t.global_batch} is not divisible by dp={p.dp}")
-        t.micro_batch = t.global_batch // p.dp
-    if t.global_batch % (t.micro_batch * p.dp):
-        raise ConfigError(
-            f"train.global_batch={t.global_batch} is not divisible by "
-            f"train.micro_batch={t.micro_batch} x dp={p.dp}"
-        )
+        # One micro-batch per step: as many rows as the dp rank with the most (layout/batch.py).
+        t.micro_batch = -(-t.global_batch // p.dp)
+    # Any dp serves any global batch, its rows shared out unevenly if need be; refused only
+    # where some rank would be left with an empty micro-batch.
+    problem = batch_problem(t.global_batch, t.micro_batch, p.dp)
+    if problem is not None:
+        raise ConfigError(problem)
     if p.pp > 1:
         # The pipeline runs `parallel.pp_microbatches` micro-batches per step: the accumulation steps.
-        accumulation = t.global_batch // (t.micro_batch * p.dp)
+        accumulation = accumulation_steps(cfg)
         if p.pp_microbatches == 0:
             p.pp_microbatches = accumulation
         elif p.pp_microbatches != accumulation:
             raise ConfigError(
                 f"parallel.pp_microbatches={p.pp_microbatches} != train.global_batch / (train.micro_batch x dp) "
-                f"= {accumulation}; set train.micro_batch={t.global_batch // (p.dp * p.pp_microbatches)} or "
-                "leave pp_microbatches at 0")
+                f"= {accumulation}; {_pp_microbatches_fix(t.global_batch, p.dp, p.pp_microbatches)}")
+
+
+def _pp_microbatches_fix(global_batch: int, dp: int, wanted: int) -> str:
+    """What to set for `wanted` micro-batches per step: the micro_batch that gives exactly that
+    many (global_batch / (dp x wanted) where that divides), or, where none does, the default."""
+    most_rows = -(-global_batch // dp)  # the rows of the fullest dp rank
+    micro_batch = -(-most_rows // wanted)
+    if micro_batches(global_batch, micro_batch, dp) == wanted and batch_problem(global_batch, micro_batch, dp) is None:
+        return f"set train.micro_batch={micro_batch} or leave pp_microbatches at 0"
+    return f"no train.micro_batch gives {wanted} micro-batches per rank; leave pp_microbatches at 0"
 
 
 def job_of(cfg: Config, world_size: int) -> Job:
@@ -546,7 +569,9 @@ def job_of(cfg: Config, world_size: int) -> Job:
 
 
 def accumulation_steps(cfg: Config) -> int:
-    return cfg.train.global_batch // (cfg.train.micro_batch * cfg.parallel.dp)
+    """Micro-batches per step on every dp rank (after `validate`): the same on all of them, since
+    ZeRO-3 and the pipeline run collectives in each; enough for the rank with the most rows."""
+    return micro_batches(cfg.train.global_batch, cfg.train.micro_batch, cfg.parallel.dp)
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:

@@ -167,8 +167,13 @@ class LocalLauncher:
             codes = [proc.poll() for proc in self.procs]
             failures = [(rank, code) for rank, code in enumerate(codes) if code not in (None, 0)]
             if failures:
+                # Let the monitor name the culprit before the survivors are stopped: stopped
+                # workers look like crashed ones, and the first exit seen is often collateral.
+                if noted_status() is None:
+                    self.guard.await_verdict(restart)
                 stop_processes(self.procs)
-                return min(failures)
+                codes = [proc.poll() for proc in self.procs]
+                return min((rank, code) for rank, code in enumerate(codes) if code not in (None, 0))
             if all(code == 0 for code in codes):
                 return None
             time.sleep(POLL_S)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch.distributed as dist
 
-from plait.comm import Group
+from plait.comm import Group, new_group
 
 # Outermost first; the last dimension varies fastest across consecutive ranks.
 GRID_ORDER = ("pp", "dp", "cp", "tp")
@@ -70,6 +70,7 @@ class Mesh:
     rank: int
     coords: dict[str, int]
     groups: dict[str, Group]
+    timeout_s: float | None = None  # of every group made for this mesh (parallel.timeout_s)
 
     @property
     def world_size(self) -> int:
@@ -96,7 +97,7 @@ class Mesh:
         return self.groups["world"]
 
     @staticmethod
-    def build(dims: ParallelDims, rank: int) -> "Mesh":
+    def build(dims: ParallelDims, rank: int, timeout_s: float | None = None) -> "Mesh":
         """Create the process groups of every dimension (collective: all ranks must call it)."""
         initialised = dist.is_available() and dist.is_initialized()
         if not initialised and dims.world_size != 1:
@@ -117,10 +118,10 @@ class Mesh:
                     process_group = dist.group.WORLD
                 else:
                     # new_group is collective over the whole world, even for groups we are not in.
-                    process_group = dist.new_group(ranks)
+                    process_group = new_group(ranks, timeout_s)
                 if rank in ranks:
                     groups[name] = Group(name, ranks, ranks.index(rank), process_group)
-        return Mesh(dims=dims, rank=rank, coords=dims.coords(rank), groups=groups)
+        return Mesh(dims=dims, rank=rank, coords=dims.coords(rank), groups=groups, timeout_s=timeout_s)
 
     def describe(self) -> str:
         return " x ".join(f"{d}={self.dims.degree(d)}" for d in ("dp", "tp", "cp", "pp"))

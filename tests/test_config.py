@@ -56,7 +56,7 @@ def test_resolved_config_round_trips_through_toml(tmp_path):
     ("parallel.zero=5", 2, "parallel.zero=5 must be 0, 1, 2 or 3"),
     ("model.n_heads=3", 1, "model.dim=128 is not divisible by model.n_heads=3"),
     ("model.n_kv_heads=3", 1, "model.n_heads=4 is not divisible by model.n_kv_heads=3"),
-    ("train.global_batch=13", 2, "train.global_batch=13 is not divisible by dp=2"),
+    ("train.global_batch=3", 4, "train.global_batch=3 is smaller than dp=4"),
     ("train.steps=0", 1, "train.steps=0 must be at least 1"),
     ("optim.min_lr=1", 1, "optim.min_lr=1.0 is larger than optim.lr"),
     ("data.val_fraction=1.5", 1, "data.val_fraction=1.5 must lie strictly between 0 and 1"),
@@ -68,9 +68,12 @@ def test_bad_values_name_the_field(override, world, message):
     assert "\n" not in str(err.value)
 
 
-def test_micro_batch_must_divide_the_per_rank_batch():
-    with pytest.raises(ConfigError, match="train.global_batch=12 is not divisible by train.micro_batch=8 x dp=2"):
-        validate(load_config("tiny", ["train.global_batch=12", "train.micro_batch=8"]), world_size=2)
+def test_micro_batch_must_leave_no_rank_an_empty_micro_batch():
+    # Rows 2, 2, 1, 1 over dp 4 (uneven shares are fine, tests/test_uneven_batch.py), but in
+    # micro-batches of 1 every rank runs 2 and the last two have only one row.
+    with pytest.raises(ConfigError, match="train.micro_batch=1 needs 2 micro-batches per rank .* "
+                                          "set train.micro_batch=2 or more"):
+        validate(load_config("tiny", ["train.global_batch=6", "train.micro_batch=1"]), world_size=4)
 
 
 @pytest.mark.parametrize("overrides, world, message", [

@@ -13,7 +13,7 @@ import subprocess
 import pytest
 
 from plait.config import load_config
-from plait.resilience.elastic_launcher import batch_fallback, layout_fallback
+from plait.resilience.elastic_launcher import layout_fallback
 from tests.scenarios import BASE, read_jsonl as read, train_cli
 
 pytestmark = pytest.mark.timeout(300)
@@ -69,25 +69,50 @@ def test_shrink_then_grow_matches_the_fault_free_run_at_every_step(runs, name):
     assert "world grew 3 -> 4" in result.stdout
 
 
-def test_layouts_that_cannot_shrink_fall_back_to_restart_mode():
+def test_what_cannot_shrink_falls_back_to_restart_mode():
     cfg = load_config("tiny", BASE + COMMON + ["resilience.mode=elastic"])
     assert layout_fallback(copy.deepcopy(cfg), 4) is None
-    assert batch_fallback(24, 2, 3) is None
-    assert "not divisible" in batch_fallback(16, 4, 3)
-    assert "tp=2" in layout_fallback(load_config("tiny", BASE + COMMON + ["parallel.tp=2"]), 4)
-    # global batch 16 of micro-batches 4: dp 3 cannot keep it
-    assert "not divisible" in layout_fallback(load_config("tiny", BASE + ["resilience.mode=elastic"]), 4)
+    # Uneven rows are fine: 16 rows over dp 3 in micro-batches of 4 (6/5/5 rows, 2 micro-batches each).
+    assert layout_fallback(load_config("tiny", BASE + ["resilience.mode=elastic"]), 4) is None
+    # tp 2 x dp 2 shrinks by a whole replica, to tp 2 x dp 1; tp 2 x dp 1 has no replica to spare.
+    assert layout_fallback(load_config("tiny", BASE + COMMON + ["parallel.tp=2"]), 4) is None
+    assert "no whole data-parallel replica" in layout_fallback(load_config("tiny", BASE + COMMON + ["parallel.tp=2"]), 2)
+    # 4 rows over dp 3 leave a replica 1 row for 2 micro-batches of 1... refused by the config, named.
+    tight = load_config("tiny", BASE + ["resilience.mode=elastic", "train.global_batch=4", "train.micro_batch=1"])
+    assert "train.micro_batch" in layout_fallback(tight, 4)
+    assert "train.sync" in layout_fallback(load_config("tiny", BASE + ["resilience.mode=elastic", "train.sync=diloco"]), 4)
 
 
-def test_tensor_parallel_job_falls_back_to_restart_mode_and_says_so(tmp_path):
-    result = train_cli(tmp_path / "run", BASE + ["train.steps=6", "train.global_batch=8", "train.micro_batch=2",
-                                                 "parallel.tp=2", "resilience.mode=elastic",
-                                                 "resilience.snapshot_every=2", "fault.inject=crash@rank=1,step=4"],
-                       nproc=2, timeout=120)
+SMALL = ["train.steps=12", "model.n_layers=2", "train.global_batch=8", "train.micro_batch=2",
+         "checkpoint.every=0", "parallel.timeout_s=10", "resilience.heartbeat_s=0.1",
+         "resilience.snapshot_every=2", "resilience.grow_wait_s=120"]
+
+
+@pytest.fixture(scope="module")
+def small_reference(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("reference") / "run"
+    result = train_cli(run_dir, BASE + SMALL + ["resilience.mode=none"], nproc=1, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "falling back to restart mode" in result.stderr
-    events = read(tmp_path / "run" / "events.jsonl")
-    assert events[0]["event"] == "elastic_fallback" and "tp=2" in events[0]["reason"]
+    return [r["loss"] for r in read(run_dir / "metrics.jsonl")]
+
+
+@pytest.mark.parametrize("layout, crashed, world_after", [
+    (["parallel.tp=2"], 3, 2),  # tp 2 x dp 2: rank 3's replica {2, 3} leaves, dp 2 -> 1
+    ([], 1, 3),  # dp 4 -> 3: 8 rows as 3/3/2, micro-batches of 2 -> [2, 1], [2, 1], [1, 1]
+])
+def test_a_replica_shrinks_in_place_and_grows_back(tmp_path, small_reference, layout, crashed, world_after):
+    run_dir = tmp_path / "run"
+    result = train_cli(run_dir, BASE + SMALL + layout + ["resilience.mode=elastic",
+                                                         f"fault.inject=crash@rank={crashed},step=5"], nproc=4)
+    assert result.returncode == 0, result.stderr[-3000:]
+    events = read(run_dir / "events.jsonl")
+    assert not [e for e in events if e["event"] == "elastic_fallback"]
+    assert [e["event"] for e in events].count("start") == 1  # in place: never restarted
     (recovered,) = [e for e in events if e["event"] == "recovered"]
-    assert recovered["world_size_before"] == recovered["world_size_after"] == 2  # restarted, not shrunk
-    assert events[-1]["event"] == "finished"
+    assert (recovered["culprit"], recovered["source"]) == (crashed, "memory")
+    assert (recovered["world_size_before"], recovered["world_size_after"]) == (4, world_after)
+    (grown,) = [e for e in events if e["event"] == "grown"]
+    assert (grown["world_size_before"], grown["world_size_after"]) == (world_after, 4)
+    losses = [r["loss"] for r in read(run_dir / "metrics.jsonl")]
+    assert len(losses) == len(small_reference)  # every step once: none lost
+    assert max(abs(a - b) for a, b in zip(losses, small_reference)) < 1e-5

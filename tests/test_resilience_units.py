@@ -12,7 +12,7 @@ import torch
 from plait.config import load_config, validate
 from plait.errors import ConfigError
 from plait.resilience.inject import Fault, FaultInjector, fired_faults, parse_faults
-from plait.resilience.monitor import Monitor, find_crash, find_hang, find_slow
+from plait.resilience.monitor import HangRule, Monitor, find_crash, find_hang, find_slow
 from plait.resilience.snapshot import (
     buddy_rank,
     newest_valid_snapshot,
@@ -118,6 +118,65 @@ def test_crash_prefers_the_rank_the_others_waited_for():
     lone = find_crash({2: beat(2, {"dp": 11}), 0: beat(0, {"dp": 11})}, gone=[2], now=100.0)
     assert lone.rank == 2 and "process gone" in lone.detail
     assert find_crash(beats, gone=[], now=100.0) is None
+
+
+def test_collateral_ranks_that_exited_first_are_never_blamed():
+    """Rank 2 died abruptly before collective #12; ranks 1 and 3 failed in it and exited first
+    (their last heartbeats say "failed", waiting in #12), rank 0 still waits: 2 is the culprit
+    whatever order the exits were seen in, and 0, 1, 3 are collateral."""
+    beats = {r: beat(r, {"dp": 12}, waiting_in(12, 0.4), state="failed") for r in (1, 3)}
+    beats[0] = beat(0, {"dp": 12}, waiting_in(12, 0.4))
+    beats[2] = beat(2, {"dp": 11})  # its last beat: running, before #12
+    for gone in ([1, 3, 2], [3, 2, 1], [1, 2, 3]):
+        verdict = find_crash(beats, gone=gone, now=100.0)
+        assert (verdict.rank, verdict.seq) == (2, 12), gone
+        assert verdict.collateral == [1, 3] and verdict.waiting_ranks == [0, 1, 3]
+    # No evidence (nobody was waiting): the abrupt death beats the exception exits seen before it.
+    quiet = {r: beat(r, {"dp": 12}, state="failed") for r in (0, 1, 3)}
+    quiet[2] = beat(2, {"dp": 12})
+    assert find_crash(quiet, gone=[0, 1, 2, 3], now=100.0).rank == 2
+
+
+def steady(rank, entered, inflight=None, phase="step", steps_done=10, step_s=0.2):
+    b = beat(rank, entered, inflight, steps=[(s, 0.01, step_s, "dp", "all_reduce") for s in range(1, 6)])
+    b.update(phase=phase, steps_done=steps_done)
+    return b
+
+
+def test_a_hang_is_named_after_max_of_hang_min_s_and_k_step_times_outside_long_phases():
+    rule = HangRule(min_s=5.0, k=10.0, warmup_steps=3, backstop_s=300.0)
+    waiting = {r: steady(r, {"dp": 12}, waiting_in(12, 6.0)) for r in (0, 2, 3)}
+    assert find_hang({**waiting, 1: steady(1, {"dp": 11})}, 100.0, rule=rule).rank == 1  # 6 s > max(5, 10 x 0.2)
+    slow_steps = {r: steady(r, {"dp": 12}, waiting_in(12, 6.0), step_s=1.0) for r in (0, 2, 3)}
+    assert find_hang({**slow_steps, 1: steady(1, {"dp": 11}, step_s=1.0)}, 100.0, rule=rule) is None  # < 10 x 1 s
+    for phase in ("eval", "checkpoint", "snapshot", "finish", "setup"):  # announced: only the backstop counts
+        assert find_hang({**waiting, 1: steady(1, {"dp": 11}, phase=phase)}, 100.0, rule=rule) is None, phase
+    assert find_hang({**waiting, 1: steady(1, {"dp": 11}, steps_done=2)}, 100.0, rule=rule) is None  # warm-up
+    long_wait = {r: steady(r, {"dp": 12}, waiting_in(12, 301.0)) for r in (0, 2, 3)}
+    verdict = find_hang({**long_wait, 1: steady(1, {"dp": 11}, phase="eval")}, 100.0, rule=rule)
+    assert verdict.rank == 1 and "phase eval" in verdict.detail  # the backstop
+    explicit = HangRule(explicit_s=7.0)
+    assert find_hang({**waiting, 1: steady(1, {"dp": 11}, phase="eval")}, 100.0, rule=explicit) is None
+    assert find_hang({**long_wait, 1: steady(1, {"dp": 11}, phase="eval")}, 100.0, rule=explicit).rank == 1
+
+
+def test_the_monitor_settles_before_naming_a_crash(tmp_path):
+    store = FakeStore()
+    monitor = Monitor(store, 4, tmp_path, heartbeat_s=0.1, hang_s=0.0, slow_k=8.0, slow_window=8,
+                      slow_min_fraction=0.1, restart=True, settle_s=1.5,
+                      local_pids=lambda: {r: 2 ** 22 + 12345 + r for r in range(4)})
+    monitor.generation = 0
+    # First seen: rank 1 gone (collateral, its final beat not yet read); rank 2 never published.
+    beats = {r: beat(r, {"dp": 12}, waiting_in(12, 0.2)) for r in (0, 1, 3)}
+    monitor.check(beats, now=100.0, dead={1})
+    assert monitor.verdicts == []  # still settling
+    beats[1] = beat(1, {"dp": 12}, waiting_in(12, 0.3), state="failed")
+    monitor.check(beats, now=101.6, dead={1})
+    (verdict,) = monitor.verdicts
+    # Rank 2 died before its first heartbeat: an empty one stands in for it (it entered nothing).
+    assert (verdict.kind, verdict.rank) == ("crash", 2) and verdict.collateral == [0, 1, 3]
+    assert monitor.await_verdict(0, timeout_s=0.1) is verdict
+    assert json.loads(store.data["plait/fault/0"])["collateral"] == [0, 1, 3]
 
 
 def synthetic_steps(n_steps, slow_rank=None, delay=0.0, seed=0, systematic=0.002):

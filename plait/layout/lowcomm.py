@@ -19,6 +19,11 @@ def local_sync(job: Job) -> str | None:
         return None
     if job.layout.zero == 3:
         return f"train.sync={f.sync} with parallel.zero=3 is not supported (workers keep whole weights)"
+    if job.global_batch % job.layout.dp:
+        # Each worker normalises its loss by an equal share of the batch's tokens
+        # (lowcomm.loss_workers), so its inner steps are the mean over its own rows only then.
+        return (f"train.sync={f.sync} needs train.global_batch={job.global_batch} divisible by "
+                f"dp={job.layout.dp} (each worker trains on an equal share of the batch)")
     if f.grad_compression != "none":
         return f"parallel.grad_compression={f.grad_compression} only applies to train.sync=every_step"
     return None

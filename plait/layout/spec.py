@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from plait.layout import batch
+
 RECOMPUTE = ("none", "selective", "full")
 
 
@@ -93,5 +95,6 @@ class Job:
 
     @property
     def micro_batches(self) -> int:
-        """Micro-batches per step on each data-parallel rank (the pipeline's micro-batches)."""
-        return self.global_batch // (self.layout.dp * self.layout.micro_batch)
+        """Micro-batches per step on each data-parallel rank (the pipeline's micro-batches); the
+        same on every rank, enough for the one with the most rows (batch.py)."""
+        return batch.micro_batches(self.global_batch, self.layout.micro_batch, self.layout.dp)

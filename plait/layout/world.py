@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from plait.layout.batch import batch_problem
 from plait.layout.pipeline import SCHEDULE_ALIASES, SCHEDULES
 from plait.layout.spec import RECOMPUTE, Job
 
@@ -46,8 +47,6 @@ def world_size(job: Job) -> str | None:
 
 
 def global_batch(job: Job) -> str | None:
-    p = job.layout
-    if job.global_batch % (p.micro_batch * p.dp):
-        return (f"train.global_batch={job.global_batch} is not divisible by "
-                f"train.micro_batch={p.micro_batch} x dp={p.dp}")
-    return None
+    """Any dp serves any global batch, shared out unevenly if need be (batch.py), as long as
+    no rank is left with an empty micro-batch."""
+    return batch_problem(job.global_batch, job.layout.micro_batch, job.layout.dp)

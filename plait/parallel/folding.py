@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from plait.comm import CHECKPOINT, Comm, Group
+from plait.comm import CHECKPOINT, Comm, Group, new_group
 from plait.config import OptimConfig
 from plait.mesh import Mesh, ParallelDims
 from plait.model.moe import MoE
@@ -79,7 +79,7 @@ def build_expert_groups(mesh: Mesh, ep: int) -> ExpertGroups:
             elif len(ranks) == mesh.world_size:
                 process_group = dist.group.WORLD
             else:
-                process_group = dist.new_group(ranks)
+                process_group = new_group(ranks, mesh.timeout_s)
             if mesh.rank in ranks:
                 mine[name] = Group(f"moe_{name}", ranks, ranks.index(mesh.rank), process_group)
     return ExpertGroups(**mine)

@@ -149,10 +149,13 @@ class ParallelModel:
     def pipeline_step(self, batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]],
                       tokens_per_step: int) -> torch.Tensor:
         """All micro-batches of a step through the pipeline schedule, then the gradient reduction.
-        Returns this rank's share of the loss (non-zero on the last stage only)."""
+        Returns this rank's share of the loss (non-zero on the last stage only). Every rank of
+        the pipeline holds the step's batches, so all agree on each micro-batch's rows, which
+        may differ by one (a global batch shared out unevenly, layout/batch.py)."""
         with self.engine.deferred():  # micro-batches interleave: reduce once, after all of them
             loss = self.runner.step([b[0] for b in batches], [b[1] for b in batches],
-                                    lambda logits, targets: self.loss_sum(logits, targets) / tokens_per_step)
+                                    lambda logits, targets: self.loss_sum(logits, targets) / tokens_per_step,
+                                    rows=[b[0].shape[0] for b in batches])
         self.runner.stage.sync_tied_grads(self.comm, self.tied_group)
         self.engine.sync_gradients()
         return loss
@@ -161,8 +164,11 @@ class ParallelModel:
         """Logits for evaluation; under pipeline parallelism only on the last stage (else None)."""
         if self.runner is None:
             return self.model(inputs, positions)
+        # Every rank holds `inputs`: the messages take its rows, which may be fewer than a
+        # training micro-batch's (the last evaluation chunk).
+        shape = (inputs.shape[0],) + tuple(self.runner.activation_shape[1:])
         return pipeline_forward(self.runner.stage, self.mesh.groups["pp"], self.comm, inputs,
-                                self.runner.activation_shape, self.runner.dtype, self.runner.positions)
+                                shape, self.runner.dtype, self.runner.positions)
 
     def pp_bubble(self) -> float | None:
         if self.runner is None or self.runner.last_stats is None:
@@ -212,7 +218,7 @@ def _pipeline(model: nn.Module, cfg: Config, mesh: Mesh, comm: Comm) -> tuple[Pi
                               head_cost=head_cost)
     stage = StageModule(model, rank=mesh.coords["pp"], pp=p.pp, stage_layers=layers)
     # Collective over the world: every rank builds every pipeline's {first, last} group.
-    tied_group = tied_embedding_group(mesh.dims.group_ranks("pp"), mesh.rank)
+    tied_group = tied_embedding_group(mesh.dims.group_ranks("pp"), mesh.rank, mesh.timeout_s)
     seq = m.seq_len // p.cp // (p.tp if p.tp > 1 and p.sequence_parallel else 1)
     # Explicit positions: a stage cannot infer them from hidden states that sequence parallelism
     # has split; under context parallelism they are this rank's global token positions.

@@ -1,7 +1,8 @@
 """The pipeline-parallel runtime: walk this rank's list of passes from `schedules`, moving
 activations forward and gradients backward between neighbouring stages point to point.
 
-Messages (`pipeline_comm`) have shapes fixed up front and a tag per (direction, micro-batch,
+Messages (`pipeline_comm`) have shapes fixed up front (per micro-batch: micro-batches may differ
+in rows where a global batch is shared out unevenly) and a tag per (direction, micro-batch,
 sending stage). Receives are posted `recv_lookahead` ops ahead of the op that consumes them, so
 the transfer overlaps the compute before it; sends are posted as soon as their tensor exists,
 and each is waited for (its buffer let go) once the schedule proves its receive posted, the
@@ -90,8 +91,9 @@ class PipelineRunner:
     """Runs one training step of a pipeline: this rank's passes over m micro-batches.
 
     `activation_shape` is (b, s, dim) of a micro-batch's hidden states and `dtype` theirs: every
-    message has that shape. After `step`, each parameter of `stage` holds in `.grad` its gradient
-    summed over the micro-batches (added to what was there); `last_stats` has the step's timings.
+    message has that shape, with b replaced by the micro-batch's rows where `step` is given
+    `rows`. After `step`, each parameter of `stage` holds in `.grad` its gradient summed over
+    the micro-batches (added to what was there); `last_stats` has the step's timings.
     """
 
     def __init__(self, stage: StageModule, group: Group, comm: Comm, schedule: str, microbatches: int,
@@ -129,14 +131,19 @@ class PipelineRunner:
 
     # --- the step -----------------------------------------------------------------------------
     def step(self, inputs: Sequence[torch.Tensor] | None, targets: Sequence[torch.Tensor] | None,
-             loss_fn: LossFn) -> torch.Tensor:
+             loss_fn: LossFn, rows: Sequence[int] | None = None) -> torch.Tensor:
         """Run every pass of this rank; return the sum of its micro-batch losses (0 off the last stage).
 
         `inputs` (m token tensors [b, s]) are needed where the rank runs the first stage and
         `targets` (m of them) where it runs the last; other ranks may pass None. `loss_fn(logits,
         targets)` returns the micro-batch's loss already normalised for the whole step (e.g. a
         sum-reduced cross-entropy divided by the step's token count), since gradients are summed.
+        `rows` (m of them) are the micro-batches' row counts where they differ from
+        activation_shape's b; every rank of the pipeline passes the same, so that each message's
+        receiver allocates what its sender sends.
         """
+        if rows is not None and len(rows) != self.m:
+            raise ValueError(f"rows gives {len(rows)} micro-batches, the schedule runs {self.m}")
         if self.stage.holds_embedding and (inputs is None or len(inputs) != self.m):
             raise ValueError(f"the first pipeline stage needs {self.m} micro-batches of inputs")
         if self.stage.holds_head and (targets is None or len(targets) != self.m):
@@ -146,7 +153,8 @@ class PipelineRunner:
         self._loss = torch.zeros((), device=self.device)
         self._held: dict[tuple[int, int], _Held] = {}
         self._messages = StageMessenger(self.group, self.comm, self.n_stages, self.activation_shape, self.dtype,
-                                        self.device, self.trace, self.store, self._sent_at, self._posted_at)
+                                        self.device, self.trace, self.store, self._sent_at, self._posted_at,
+                                        rows=rows)
         peak = 0
         needs = [_incoming(op, self.pp, self.n_stages) for op in self.ops]
         for index, op in enumerate(self.ops):
@@ -186,7 +194,7 @@ class PipelineRunner:
         held.output = out
         self._held[(op.microbatch, op.chunk)] = held
         if stage < self.n_stages - 1:
-            self._messages.check(out, "output")
+            self._messages.check(out, "output", op.microbatch)
             self._messages.send(out.detach(), Message(ACTIVATION, op.microbatch, stage))
 
     def _backward(self, op: Op) -> None:
@@ -209,7 +217,7 @@ class PipelineRunner:
                     _accumulate(param, g)
             held.output = held.input = None  # the graph is freed; W keeps only its records
         if stage > 0:
-            self._messages.check(input_grad, "input gradient")
+            self._messages.check(input_grad, "input gradient", op.microbatch)
             self._messages.send(input_grad, Message(GRADIENT, op.microbatch, stage))
 
     def _weight_grad(self, op: Op) -> None:
@@ -299,7 +307,8 @@ def pipeline_forward(stage: StageModule, group: Group, comm: Comm, tokens: torch
                      positions: torch.Tensor | None = None) -> torch.Tensor | None:
     """Forward only, for evaluation: the virtual stages run one after another, each handing its
     hidden states to the next. Returns the logits on the rank that runs the last stage, else None.
-    Every rank of the pipeline calls it; only the first stage needs `tokens`."""
+    Every rank of the pipeline calls it, with the same `activation_shape` (its b: these tokens'
+    rows); only the first stage needs `tokens`."""
     n_stages = stage.pp * stage.v
     device = next(stage.parameters()).device
     x = tokens

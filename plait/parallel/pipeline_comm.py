@@ -2,9 +2,12 @@
 
 A message is named by (direction, micro-batch, sending virtual stage), and that triple is its
 point-to-point tag, so messages between the same pair of ranks never get mixed up whatever order
-they are posted in. Every message has the micro-batch's hidden-state shape [b, s, dim] and dtype,
-fixed up front, so a receive's buffer is allocated when it is posted. Since tags repeat from
-step to step, `finish` (end of step) checks that every receive of the step was consumed.
+they are posted in. Every message has its micro-batch's hidden-state shape [b, s, dim] and the
+dtype, fixed up front, so a receive's buffer is allocated when it is posted. Micro-batches may
+differ in rows b (a global batch shared out unevenly, layout/batch.py): every rank of the
+pipeline is told each micro-batch's rows, so sender and receiver agree on every message's size.
+Since tags repeat from step to step, `finish` (end of step) checks that every receive of the
+step was consumed.
 
 A send's buffer is kept until the send is done, and no longer: kept to the end of the step,
 a middle rank's sends add up to 2·m·v activation-sized tensors. Gloo cannot say whether a send
@@ -23,7 +26,7 @@ the rank whose loss some stage noticed first (failures cascade along the pipe).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -61,15 +64,18 @@ class StageMessenger:
     `sent_at` and `posted_at` time the step's messages by the pass (an index into the rank's
     list of passes) at which their sender sends them and their receiver posts the receive.
     Without them every send is kept until `finish`. `peak_pending_sends` is the most send
-    buffers this rank held at once.
+    buffers this rank held at once. `shape` is a message's [b, s, dim]; `rows`, where given,
+    replaces b per micro-batch (micro-batches of unequal rows).
     """
 
     def __init__(self, group: Group, comm: Comm, n_stages: int, shape: tuple[int, ...], dtype: torch.dtype,
                  device: torch.device, trace: TraceRecorder, store: Any = None,
-                 sent_at: Mapping[Message, int] | None = None, posted_at: Mapping[Message, int] | None = None):
+                 sent_at: Mapping[Message, int] | None = None, posted_at: Mapping[Message, int] | None = None,
+                 rows: Sequence[int] | None = None):
         self.group, self.comm, self.n_stages = group, comm, n_stages
         self.pp = group.size
         self.shape, self.dtype, self.device = tuple(shape), dtype, device
+        self.rows = None if rows is None else list(rows)
         self.trace, self.store = trace, store
         self.sent_at, self.posted_at = sent_at or {}, posted_at or {}
         self._posted: dict[Message, tuple[torch.Tensor, Handle]] = {}
@@ -87,8 +93,14 @@ class StageMessenger:
         step = 1 if message.direction == ACTIVATION else -1
         return (message.sender + step) % self.pp
 
+    def shape_of(self, microbatch: int) -> tuple[int, ...]:
+        """The shape of every message of `microbatch`, activation or gradient."""
+        if self.rows is None:
+            return self.shape
+        return (self.rows[microbatch],) + self.shape[1:]
+
     def post(self, message: Message) -> None:
-        buffer = torch.empty(self.shape, dtype=self.dtype, device=self.device)
+        buffer = torch.empty(self.shape_of(message.microbatch), dtype=self.dtype, device=self.device)
         peer = self._peer(message, sending=False)
         handle = self._guard(peer, f"posting a receive for {message.describe()}",
                              lambda: self.comm.recv_async(buffer, peer, self.group, tag="pipeline",
@@ -174,8 +186,9 @@ class StageMessenger:
         except Exception:  # noqa: BLE001 - the store may have died with the rank that served it
             return rank
 
-    def check(self, tensor: torch.Tensor | None, what: str) -> None:
-        if tensor is None or tuple(tensor.shape) != self.shape or tensor.dtype != self.dtype:
+    def check(self, tensor: torch.Tensor | None, what: str, microbatch: int) -> None:
+        shape = self.shape_of(microbatch)
+        if tensor is None or tuple(tensor.shape) != shape or tensor.dtype != self.dtype:
             got = None if tensor is None else (tuple(tensor.shape), tensor.dtype)
             raise ValueError(f"pipeline stage {what} is {got}, not the fixed message shape "
-                             f"{self.shape} {self.dtype}")
+                             f"{shape} {self.dtype}")

@@ -17,10 +17,9 @@ two-rank group made by `tied_embedding_group`, before any optimizer update.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
-from plait.comm import Comm, Group
+from plait.comm import Comm, Group, new_group
 from plait.model.llama import Transformer, rotary_tables
 from plait.parallel.partition import rank_chunks
 
@@ -105,7 +104,7 @@ class StageModule(nn.Module):
         comm.all_reduce(weight.grad, tied_group, tag="grads")
 
 
-def tied_embedding_group(pp_groups: list[list[int]], rank: int) -> Group | None:
+def tied_embedding_group(pp_groups: list[list[int]], rank: int, timeout_s: float | None = None) -> Group | None:
     """The {first, last} rank group of this rank's pipeline, or None if this rank is in neither.
 
     Collective over the whole world (torch's new_group is): every rank calls it with the same
@@ -116,7 +115,7 @@ def tied_embedding_group(pp_groups: list[list[int]], rank: int) -> Group | None:
         if len(ranks) < 2:
             continue
         pair = [ranks[0], ranks[-1]]
-        process_group = dist.new_group(pair)
+        process_group = new_group(pair, timeout_s)
         if rank in pair:
             mine = Group("pp_tied", pair, pair.index(rank), process_group)
     return mine

@@ -63,7 +63,7 @@ def load_run(run_dir: str | Path) -> Run:
     p, t = cfg.parallel, cfg.train
     dp = p.dp or 1
     world = dp * p.tp * p.pp * p.cp
-    micro_batch = t.micro_batch or t.global_batch // dp
+    micro_batch = t.micro_batch or -(-t.global_batch // dp)  # as config.validate derives it
     layout = Layout(tp=p.tp, pp=p.pp, dp=dp, cp=p.cp, ep=p.ep, zero=p.zero, micro_batch=micro_batch)
     measured = {"step_time_s": statistics.median(r["step_time_s"] for r in timed)}
     for key in ("state_bytes", "comm_bytes", "peak_mem_bytes"):

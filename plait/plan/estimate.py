@@ -13,6 +13,7 @@ import functools
 from dataclasses import dataclass, field
 
 from plait.config import accumulation_steps, validate
+from plait.layout import batch
 from plait.layout.pipeline import canonical_schedule
 from plait.parallel.partition import head_cost_in_layers, partition_layers, rank_chunks
 from plait.plan import comm_model as comm
@@ -81,7 +82,9 @@ def evaluate(model: ModelSpec, cluster: Cluster, layout: Layout, global_batch: i
     reason = check_layout(layout, model, n_gpus, global_batch)
     if reason:
         return Estimate(layout, fits=False, why=reason)
-    micro_batches = global_batch // (layout.dp * layout.micro_batch)
+    # Per dp rank, the same on all (ceil rule, plait/layout/batch.py); with an uneven share the
+    # fullest rank's micro-batches are costed at micro_batch rows each, an upper bound.
+    micro_batches = batch.micro_batches(global_batch, layout.micro_batch, layout.dp)
     precision = assumptions.precision
     memory = memory_breakdown(model, layout, micro_batches, cluster, precision)
     fits = memory["total"] <= cluster.device_memory

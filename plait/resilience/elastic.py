@@ -102,6 +102,8 @@ class ElasticSession(TrainingHooks):
         self.base.train.micro_batch = initial.train.micro_batch
         self.replica: tuple[int, dict] | None = None  # (step, state files) in host memory
         self.seen_joiners = 0  # rank 0: registrations already acted on
+        # Joiners are let in a whole data-parallel replica at a time.
+        self.replica_size = cfg.parallel.tp * cfg.parallel.cp * cfg.parallel.pp
         self.members: list[int] = []
 
     # --- membership -------------------------------------------------------------------------
@@ -150,6 +152,7 @@ class ElasticSession(TrainingHooks):
         decision = None
         if trainer.rt.is_main:
             count = self._registered_after_waiting()
+            count = self.seen_joiners + (count - self.seen_joiners) // self.replica_size * self.replica_size
             if count > self.seen_joiners:
                 joiners = [int(self.store.get(REGISTERED_ID_KEY.format(n=n)))
                            for n in range(self.seen_joiners + 1, count + 1)]
@@ -178,7 +181,9 @@ class ElasticSession(TrainingHooks):
         return count
 
     def keep_replica(self, trainer: Trainer) -> None:
+        trainer.hooks.phase("snapshot")  # a gather of the whole state: longer than a step
         self.replica = (trainer.state.step, trainer.state_files())
+        trainer.hooks.phase("step")
 
     # --- state ------------------------------------------------------------------------------
     def load_replica(self, trainer: Trainer) -> int:
@@ -280,7 +285,7 @@ def report_change(trainer: Trainer, session: ElasticSession, epoch: int, change:
     committed = change.get("committed")
     record = {
         "kind": fault.get("kind", "unknown"), "culprit": fault.get("rank"), "host": fault.get("host"),
-        "detection_latency_s": fault.get("detection_latency_s"),
+        "collateral": fault.get("collateral", []), "detection_latency_s": fault.get("detection_latency_s"),
         "recovery_time_s": round(time.time() - detected, 3) if detected else None,
         "steps_redone": max(redone, (committed or step) - step), "resumed_step": step, "source": "memory",
         "world_size_before": fault.get("world_size", before), "world_size_after": world,

@@ -3,15 +3,20 @@
 PyTorch's elastic agent stops every worker when one fails, which is the opposite of what
 elastic mode wants, so this launcher starts the workers itself (one subprocess each, through
 processes.py as launch.py does), hosts the store (a TCPStore on 127.0.0.1 only) and runs the
-monitor (monitor.py) as restart mode does. It watches the processes: when a member exits with an error (it crashed, or the monitor
-killed it after a hang), it publishes the next epoch (elastic.py) with the survivors and the
-fault record, and the survivors re-form in place. Once the smaller group trains, it starts
-one replacement (up to `resilience.max_restarts` in all), which registers in the store and is
-let in by rank 0 at a step boundary (grow).
+monitor (monitor.py) as restart mode does. It watches the processes: when a member exits with
+an error (it crashed, or the monitor killed it after a hang), it publishes the next epoch
+(elastic.py) without the lost worker's whole data-parallel replica (its tp x cp x pp ranks,
+which only work together), with the fault record, and the survivors re-form in place at a
+smaller dp; the global batch stays, its rows split as evenly as the smaller dp allows. The
+lost replica's healthy workers are stopped at once (their peers' collectives with them then
+fail now, not at the collective timeout); once the smaller group trains, the launcher starts
+a replacement replica (up to `resilience.max_restarts` replicas in all), and rank 0 lets
+replacements in, a whole replica at a time, at a step boundary (grow).
 
-Where the smaller world cannot keep the global batch (global_batch not divisible by
-micro_batch x dp), or the layout has tp/pp/cp > 1, it falls back to restart mode and says so
-(launch.py decides before starting; later, on a fault, this launcher restarts every worker).
+Where no smaller world can keep the job (dp would reach 0, the config refuses the smaller
+world, or local SGD / compressed gradients keep per-rank state), it falls back to restart
+mode and says so (launch.py decides before starting; later, on a fault, this launcher
+restarts every worker).
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from plait import config as config_mod
+from plait.errors import PlaitError
+from plait.mesh import ParallelDims
 from plait.resilience.elastic import (
     EPOCH_ENV,
     EPOCH_KEY,
@@ -45,23 +52,31 @@ from plait.resilience.usage_errors import noted_status
 POLL_S = 0.05
 
 
+def replica_size(cfg: Any) -> int:
+    """Ranks per data-parallel replica: the unit that shrinks and grows."""
+    return cfg.parallel.tp * cfg.parallel.cp * cfg.parallel.pp
+
+
 def layout_fallback(cfg: Any, nproc: int) -> str | None:
     """Why this job cannot shrink in place (then it runs in restart mode), or None."""
-    p = cfg.parallel
-    if max(p.tp, p.pp, p.cp) > 1:
-        return f"tp={p.tp} x pp={p.pp} x cp={p.cp} > 1"
     if cfg.train.sync != "every_step" or cfg.parallel.grad_compression != "none":
         return f"train.sync={cfg.train.sync} / parallel.grad_compression keep per-rank state"
     checked = copy.deepcopy(cfg)
     config_mod.validate(checked, nproc)
-    return batch_fallback(cfg.train.global_batch, checked.train.micro_batch, nproc - 1)
+    return world_fallback(cfg, checked.train.micro_batch, nproc - replica_size(cfg))
 
 
-def batch_fallback(global_batch: int, micro_batch: int, dp: int) -> str | None:
-    if dp < 1:
-        return "no worker left"
-    if global_batch % (micro_batch * dp):
-        return f"train.global_batch={global_batch} is not divisible by micro_batch={micro_batch} x dp={dp}"
+def world_fallback(cfg: Any, micro_batch: int, world: int) -> str | None:
+    """Why the job cannot go on with `world` ranks (micro_batch kept from the initial world), or None."""
+    if world < replica_size(cfg):
+        return "no whole data-parallel replica left"
+    smaller = copy.deepcopy(cfg)
+    smaller.parallel.dp = 0  # derived from the world size, as the workers do
+    smaller.train.micro_batch = micro_batch
+    try:
+        config_mod.validate(smaller, world)
+    except PlaitError as exc:
+        return f"on {world} ranks: {exc}"
     return None
 
 
@@ -89,9 +104,10 @@ class ElasticLauncher:
         self.members: list[int] = []
         self.epoch = 0
         self.next_id = 0
-        self.replacements = 0  # started so far (at most resilience.max_restarts)
+        self.replacements = 0  # replicas replaced so far (at most resilience.max_restarts)
         self.fallbacks = 0
-        self.replace_after: int | None = None  # start a replacement once this epoch trains
+        self.replace_after: int | None = None  # start replacements once this epoch trains ...
+        self.replace_count = 0  # ... this many (the workers lost)
 
     def worker_pids(self) -> dict[int, int]:
         """rank -> pid of the current epoch's members (read by the monitor's thread). A member
@@ -134,9 +150,10 @@ class ElasticLauncher:
             if self.replace_after is not None and self.store.check([FORMED_KEY.format(epoch=self.replace_after)]):
                 self.replace_after = None
                 self.replacements += 1
-                wid = self.spawn(self.epoch, join=True)
-                self.store.add(SPAWNED_KEY, 1)  # lets resilience.grow_wait_s hold the group for it
-                print(f"plait: elastic: started replacement worker {wid}", file=sys.stderr, flush=True)
+                for _ in range(self.replace_count):
+                    wid = self.spawn(self.epoch, join=True)
+                    self.store.add(SPAWNED_KEY, 1)  # lets resilience.grow_wait_s hold the group for it
+                    print(f"plait: elastic: started replacement worker {wid}", file=sys.stderr, flush=True)
             for wid, proc in list(self.procs.items()):
                 code = proc.poll()
                 if code is None:
@@ -160,25 +177,42 @@ class ElasticLauncher:
         if newest > self.epoch and self.store.check([key]):
             self.members, self.epoch = json.loads(self.store.get(key)), newest
 
+    def replicas(self) -> list[list[int]]:
+        """The current members (worker ids) grouped by data-parallel replica."""
+        world = len(self.members)
+        p = self.cfg.parallel
+        dims = ParallelDims(dp=world // replica_size(self.cfg), tp=p.tp, cp=p.cp, pp=p.pp)
+        return [[self.members[r] for r in ranks] for ranks in dims.group_ranks("tp", "cp", "pp")]
+
     def shrink(self, wid: int, code: int) -> bool:
         rank, world = self.members.index(wid), len(self.members)
         fault = self.fault_record(rank, code)
-        survivors = [m for m in self.members if m != wid and m in self.procs and self.procs[m].poll() is None]
-        reason = batch_fallback(self.cfg.train.global_batch, self.micro_batch, len(survivors))
+        alive = {m for m in self.members if m in self.procs and self.procs[m].poll() is None}
+        # Only whole replicas go on. The healthy workers of a replica that lost one are stopped
+        # at once rather than kept: their survivors' collectives with them then fail now, not
+        # at the collective timeout, and replacements take their place a replica at a time.
+        kept = [r for r in self.replicas() if all(m in alive for m in r)]
+        survivors = sorted((m for r in kept for m in r), key=self.members.index)
+        reason = world_fallback(self.cfg, self.micro_batch, len(survivors))
         if reason is None:
+            orphans = [m for m in self.members if m in alive and m not in survivors]
+            for orphan in orphans:
+                self.procs.pop(orphan).kill()  # SIGKILL: no interrupt note, no goodbye
             fault["world_size"] = world
             epoch = self.publish(survivors, fault)
             print(f"plait: elastic: worker {wid} (rank {rank}) exited with code {code}; "
-                  f"{len(survivors)} workers go on (epoch {epoch})", file=sys.stderr, flush=True)
+                  f"{len(survivors)} workers go on (epoch {epoch})"
+                  + (f"; stopped {len(orphans)} other worker(s) of its replica" if orphans else ""),
+                  file=sys.stderr, flush=True)
             if self.replacements < self.cfg.resilience.max_restarts:
-                self.replace_after = epoch
+                self.replace_after, self.replace_count = epoch, world - len(survivors)
             return True
         # Restart mode: every worker anew, resuming from the newest disk checkpoint.
         if self.fallbacks >= self.cfg.resilience.max_restarts:
             return False
         self.fallbacks += 1
         say_fallback(self.run_dir, reason)
-        stop_processes([self.procs.pop(m) for m in survivors])
+        stop_processes([self.procs.pop(m) for m in alive])
         epoch = self.store.add(EPOCH_KEY, 0) + 1
         # Where restarted workers look for the fault that made them (Resilience.resumed).
         self.store.set(MONITOR_FAULT_KEY.format(generation=epoch - 1), json.dumps({**fault, "world_size": world}))
@@ -189,7 +223,7 @@ class ElasticLauncher:
     def fault_record(self, rank: int, code: int) -> dict:
         """The monitor's verdict for this epoch if it has one (it tells a hang from a crash), else ours."""
         key = MONITOR_FAULT_KEY.format(generation=self.epoch)
-        deadline = time.monotonic() + 1.0
+        deadline = time.monotonic() + self.guard.verdict_wait_s
         while time.monotonic() < deadline:
             if self.store.check([key]):
                 return json.loads(self.store.get(key))

@@ -1,8 +1,10 @@
 """Each rank's watchdog: a daemon thread that publishes a compact heartbeat to the job's store.
 
-The heartbeat says where this rank is: its step, how far it has got in each group's sequence
-of collectives (entered and completed), the collective it is waiting in and for how long, and,
-per recent step, how long it waited in collectives in total. The monitor (monitor.py, in the
+The heartbeat says where this rank is: its step and phase ("setup" until its first step
+ends, "step", or a phase the loop announced as possibly long: "eval", "checkpoint",
+"snapshot", "finish"), how many steps it has completed since it started, how far it has got
+in each group's sequence of collectives (entered and completed), the collective it is
+waiting in and for how long, and, per recent step, how long it waited in collectives in total. The monitor (monitor.py, in the
 launcher) compares the ranks' heartbeats to name a crashed, hung or slow rank. Publishing
 from a thread keeps it going while the main thread is stuck (a hang) and off the step's
 critical path; what the main thread adds per collective is one observer call.
@@ -12,13 +14,14 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import threading
 import time
 from collections import Counter, deque
+from collections.abc import Callable
 from typing import Any
 
 from plait.comm import CollectiveRecord, Comm
+from plait.resilience.processes import host_label
 
 STORE_ENV = "PLAIT_MONITOR_STORE"  # host:port of the launcher's store, set by plait.launch
 KEY = "plait/heartbeat/{rank}"
@@ -41,13 +44,18 @@ def generation() -> int:
 
 
 class Watchdog:
-    def __init__(self, store: Any, comm: Comm, rank: int, world_size: int, interval_s: float, window: int):
+    def __init__(self, store: Any, comm: Comm, rank: int, world_size: int, interval_s: float, window: int,
+                 judge: Callable[[], None] | None = None):
+        """`judge`: called in the thread after each heartbeat (cluster.PeerJudge under torchrun)."""
         self.store, self.comm, self.rank = store, comm, rank
+        self.judge = judge
         self.interval_s = interval_s
-        self.base = {"rank": rank, "world_size": world_size, "host": socket.gethostname(),
+        self.base = {"rank": rank, "world_size": world_size, "host": host_label(),
                      "pid": os.getpid(), "generation": generation()}
         self.step = 0
         self.training = False  # hang checks start with the first step (setup may wait on rank 0)
+        self.phase = "setup"  # until the first step ends: compilation, caches, the first gathers
+        self.steps_done = 0  # since this process started (the monitor's warm-up)
         self.completed: Counter = Counter()
         self.last: tuple[str, str, int] = ("", "", 0)  # the newest completed collective
         self._wait = 0.0  # seconds spent in collectives in the current step
@@ -59,6 +67,9 @@ class Watchdog:
         self._publish_lock = threading.Lock()
         self._final = False
         comm.observers.append(self._on_collective)
+        # At once, not after the first interval: a rank that dies before its first beat must
+        # still be known to the monitor (else its peers, dying of its absence, take the blame).
+        self.publish()
         self._thread = threading.Thread(target=self._run, name="plait-watchdog", daemon=True)
         self._thread.start()
 
@@ -77,6 +88,13 @@ class Watchdog:
     def end_step(self, step: int, step_time_s: float) -> None:
         self.steps.append((step, round(self._wait, 6), round(step_time_s, 6), self._worst[1], self._worst[2]))
         self._wait, self._worst = 0.0, (0.0, "", "")
+        self.steps_done += 1
+        if self.phase == "setup":
+            self.phase = "step"
+
+    def set_phase(self, name: str) -> None:
+        """Announce a phase; "step" before the first step has ended keeps "setup"."""
+        self.phase = "setup" if name == "step" and self.steps_done == 0 else name
 
     # --- the thread -------------------------------------------------------------------------
     def heartbeat(self, state: str = "running") -> dict[str, Any]:
@@ -93,7 +111,8 @@ class Watchdog:
             inflight = {"group": last.group, "ranks": list(last.ranks), "seq": last.seq, "op": last.op,
                         "waiting_s": round(now - last.entered, 4)}
         return {**self.base, "state": state, "time": time.time(), "step": self.step,
-                "training": self.training, "entered": entered, "completed": completed,
+                "training": self.training, "phase": self.phase, "steps_done": self.steps_done,
+                "entered": entered, "completed": completed,
                 "inflight": inflight, "steps": steps, "last": list(self.last)}
 
     def publish(self, state: str = "running") -> None:
@@ -107,6 +126,8 @@ class Watchdog:
         while not self._stop.wait(self.interval_s):
             try:
                 self.publish()
+                if self.judge is not None:
+                    self.judge()
             except Exception:  # noqa: BLE001 - the store went away (the job is ending): stop quietly
                 return
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from plait.resilience.heartbeat import STORE_ENV
-from plait.resilience.monitor import Monitor
+from plait.resilience.monitor import HangRule, Monitor, Verdict
 from plait.resilience.processes import loopback_store
 
 
@@ -28,9 +28,15 @@ class ResilienceGuard:
         self.monitor: Monitor | None = None
         if self.enabled:
             self.store = loopback_store(timeout_s=30)
-            self.monitor = Monitor(self.store, nproc, run_dir, r.heartbeat_s, r.hang_s or cfg.parallel.timeout_s / 2,
-                                   r.slow_k, r.slow_window, r.slow_min_fraction, restart=self.max_restarts > 0,
-                                   slow_min_s=r.slow_min_s, local_pids=local_pids)
+            rule = HangRule(min_s=r.hang_min_s, k=r.hang_k, warmup_steps=r.warmup_steps, explicit_s=r.hang_s,
+                            backstop_s=cfg.parallel.timeout_s / 2)
+            self.monitor = Monitor(self.store, nproc, run_dir, r.heartbeat_s, r.hang_s, r.slow_k, r.slow_window,
+                                   r.slow_min_fraction, restart=self.max_restarts > 0, slow_min_s=r.slow_min_s,
+                                   local_pids=local_pids, hang_rule=rule, settle_s=r.settle_s)
+        # How long a launcher waits at most for the monitor's verdict on a failed worker: the
+        # settling window, plus room for the other workers' last heartbeats on a loaded machine
+        # (the verdict usually comes as soon as every worker has exited).
+        self.verdict_wait_s = r.settle_s + 15.0
 
     def env(self) -> dict[str, str]:
         """What the workers need to reach the monitor's store."""
@@ -39,6 +45,12 @@ class ResilienceGuard:
     def start(self) -> None:
         if self.monitor is not None:
             self.monitor.start()
+
+    def await_verdict(self, generation: int) -> Verdict | None:
+        """The monitor's verdict on worker generation `generation` (None: no monitor, or none came)."""
+        if self.monitor is None:
+            return None
+        return self.monitor.await_verdict(generation, self.verdict_wait_s)
 
     def stop(self) -> None:
         if self.monitor is not None:

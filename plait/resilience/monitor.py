@@ -2,10 +2,19 @@
 
 Synchronous training is periodic and uniform across ranks, so the odd one out is the culprit:
 - crash: the process is gone (or, on another host, its heartbeat stopped) without saying it
-  finished; among several dead ranks the culprit is the one that never entered the collective
-  the others were waiting in (they died of its absence), else the first seen gone;
-- hang: ranks have waited `hang_s` in collective #s of a group that a live member never
-  entered (its watchdog still beats: the process is there, its main thread is stuck);
+  finished. When one rank dies, its peers fail too, in the collective it never entered
+  ("connection reset by peer"), and may exit before it is even seen gone. So the monitor
+  gathers evidence for `settle_s` after the first exit (every process's last heartbeat,
+  further exits) and then names as culprit the member that never arrived in a collective
+  others were waiting in; the members that failed while waiting are `collateral`. Without
+  such evidence an abrupt death (no last "failed" heartbeat) beats an exit through an
+  exception, and the first seen gone beats the later;
+- hang: ranks have waited in collective #s of a group that a live member never entered (its
+  watchdog still beats: the process is there, its main thread is stuck) for longer than
+  max(`hang_min_s`, `hang_k` x the median step time). Only a member that is training counts:
+  past its first `warmup_steps` steps and outside the phases the loop announces as possibly
+  long (evaluation, checkpoint, snapshot, the end of the run); there `backstop_s` applies
+  (parallel.timeout_s / 2). An explicit `resilience.hang_s` applies everywhere;
 - slow: per step, each rank's lateness is the most any rank waited in collectives minus what
   it waited itself (the last to arrive waits least). A rank is slow when its median lateness
   over the last `window` steps exceeds the median of all ranks' lateness by `k` median
@@ -20,10 +29,10 @@ rank 0 it cannot itself be the rank that crashed or hung.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
-import socket
 import statistics
 import sys
 import threading
@@ -35,6 +44,7 @@ from typing import Any
 
 from plait.resilience.heartbeat import KEY
 from plait.resilience.inject import fired_faults
+from plait.resilience.processes import host_label
 from plait.resilience.usage_errors import usage_error_noted
 
 FAULT_KEY = "plait/fault/{generation}"  # the detection record the restarted workers read
@@ -54,45 +64,95 @@ class Verdict:
     onset: float | None = None  # wall time the fault is estimated to have begun
     detail: str = ""
     waiting_ranks: list[int] = field(default_factory=list)
+    collateral: list[int] = field(default_factory=list)  # ranks that failed because of the culprit
 
 
-def _laggard(beats: dict[int, dict], candidates: list[int], now: float, min_wait_s: float
-             ) -> tuple[int, dict, list[int], float] | None:
-    """The candidate that never entered a collective others have waited in for >= min_wait_s.
+@dataclass(frozen=True)
+class HangRule:
+    """When a wait in a collective that a live member never entered becomes a hang."""
 
-    Returns (culprit, the collective, every rank waiting in it, the longest wait)."""
-    found: dict[tuple[int, str, int], tuple[dict, list[int], float]] = {}
+    min_s: float = 5.0  # resilience.hang_min_s
+    k: float = 10.0  # resilience.hang_k: x the median step time
+    warmup_steps: int = 3  # resilience.warmup_steps
+    explicit_s: float = 0.0  # resilience.hang_s: when set, the threshold in every phase
+    backstop_s: float = 300.0  # warm-up and long phases: parallel.timeout_s / 2
+
+    def threshold(self, laggard: dict, step_time_s: float | None) -> float:
+        """How long the others may wait for `laggard` (its heartbeat) before it is hung."""
+        if self.explicit_s > 0:
+            return self.explicit_s
+        training = (laggard.get("phase", "step") == "step"
+                    and laggard.get("steps_done", self.warmup_steps) >= self.warmup_steps)
+        if training and step_time_s is not None:
+            return max(self.min_s, self.k * step_time_s)
+        return self.backstop_s
+
+
+def _laggards(beats: dict[int, dict], candidates: list[int], now: float
+              ) -> dict[int, tuple[dict, list[int], float]]:
+    """Per candidate that never entered a collective others are (or were, when they failed)
+    waiting in: (that collective, every rank waiting in it, the longest wait), the longest
+    wait's collective where there are several."""
+    found: dict[int, tuple[dict, list[int], float]] = {}
     for rank, beat in beats.items():
         flight = beat.get("inflight")
         if not flight:
             continue
-        waited = flight["waiting_s"] + max(0.0, now - beat["time"])
+        # A final heartbeat ("failed") stopped the clock: the wait ended with the process.
+        waited = flight["waiting_s"] + (max(0.0, now - beat["time"]) if beat.get("state") == "running" else 0.0)
         for other in flight["ranks"]:
             if other in candidates and other in beats and beats[other]["entered"].get(flight["group"], 0) < flight["seq"]:
-                key = (other, flight["group"], flight["seq"])
-                _, waiting, longest = found.get(key, (flight, [], 0.0))
-                found[key] = (flight, waiting + [rank], max(longest, waited))
+                previous = found.get(other)
+                if previous is None or (previous[0]["group"], previous[0]["seq"]) != (flight["group"], flight["seq"]):
+                    if previous is not None and previous[2] >= waited:
+                        continue
+                    found[other] = (flight, [rank], waited)
+                else:
+                    found[other] = (flight, previous[1] + [rank], max(previous[2], waited))
+    return {rank: (flight, sorted(waiting), waited) for rank, (flight, waiting, waited) in found.items()}
+
+
+def _laggard(beats: dict[int, dict], candidates: list[int], now: float, min_wait_s: float
+             ) -> tuple[int, dict, list[int], float] | None:
+    """The candidate others have waited for longest, if at least min_wait_s:
+    (culprit, the collective, every rank waiting in it, the longest wait)."""
+    found = _laggards(beats, candidates, now)
     if not found:
         return None
-    (culprit, _, _), (flight, waiting, waited) = max(found.items(), key=lambda item: item[1][2])
+    culprit, (flight, waiting, waited) = max(found.items(), key=lambda item: item[1][2])
     if waited < min_wait_s:
         return None
-    return culprit, flight, sorted(waiting), waited
+    return culprit, flight, waiting, waited
+
+
+def abrupt(beat: dict) -> bool:
+    """Gone without a last word: its final heartbeat never said "failed" (an exception exit)."""
+    return beat.get("state") == "running"
+
+
+def collateral_of(beats: dict[int, dict], culprit: int, gone: list[int]) -> list[int]:
+    """The other ranks that failed: gone, or alive but reporting their group broke ("failed")."""
+    return sorted(r for r, b in beats.items() if r != culprit and (r in gone or b.get("state") == "failed"))
 
 
 def find_crash(beats: dict[int, dict], gone: list[int], now: float) -> Verdict | None:
     """`gone`: ranks whose process has ended without reporting a clean finish, first seen first."""
     if not gone:
         return None
-    found = _laggard(beats, gone, now, 0.0)
-    if found is not None:
-        rank, flight, waiting, _ = found
+    found = _laggards(beats, gone, now)
+    if found:
+        # Among the ranks others waited for, one that died abruptly is the cause; a rank that
+        # left through an exception before entering may itself have been collateral elsewhere.
+        rank = max(found, key=lambda r: (abrupt(beats[r]), found[r][2], -gone.index(r)))
+        flight, waiting, _ = found[rank]
         beat = beats[rank]
         return Verdict("crash", rank, beat["host"], beat["pid"], flight["group"], flight["op"], flight["seq"],
-                       beat["step"], onset=beat["time"], waiting_ranks=sorted(waiting),
-                       detail=f"gone before collective #{flight['seq']} of group {flight['group']}")
+                       beat["step"], onset=beat["time"], waiting_ranks=waiting,
+                       collateral=collateral_of(beats, rank, gone),
+                       detail=f"gone before collective #{flight['seq']} of group {flight['group']}, "
+                              f"in which ranks {waiting} waited")
     # No evidence of who left the others waiting: an abrupt death beats an exception exit.
-    rank = min(gone, key=lambda r: (beats[r].get("state") == "failed", gone.index(r)))
+    rank = min(gone, key=lambda r: (not abrupt(beats[r]), gone.index(r)))
     beat = beats[rank]
     flight = beat.get("inflight")
     if flight:
@@ -104,20 +164,33 @@ def find_crash(beats: dict[int, dict], gone: list[int], now: float) -> Verdict |
                   else "process gone")
     if beat.get("state") == "failed":
         detail += " (it exited with an error)"
-    return Verdict("crash", rank, beat["host"], beat["pid"], *where, beat["step"], onset=beat["time"], detail=detail)
+    return Verdict("crash", rank, beat["host"], beat["pid"], *where, beat["step"], onset=beat["time"], detail=detail,
+                   collateral=collateral_of(beats, rank, gone))
 
 
-def find_hang(beats: dict[int, dict], now: float, hang_s: float) -> Verdict | None:
+def median_step_time(beats: dict[int, dict]) -> float | None:
+    times = [s[2] for b in beats.values() for s in b.get("steps", [])]
+    return statistics.median(times) if times else None
+
+
+def find_hang(beats: dict[int, dict], now: float, hang_s: float = 0.0, rule: HangRule | None = None
+              ) -> Verdict | None:
+    """A live member the others have waited for past its threshold (`rule`, or `hang_s` everywhere)."""
+    rule = rule or HangRule(explicit_s=hang_s)
     live = [r for r, b in beats.items() if b.get("training") and b.get("state") == "running"]
-    found = _laggard(beats, live, now, hang_s)
-    if found is None:
+    step_time = median_step_time(beats)
+    overdue = {r: found for r, found in _laggards(beats, live, now).items()
+               if found[2] >= rule.threshold(beats[r], step_time)}
+    if not overdue:
         return None
-    rank, flight, waiting, waited = found
+    rank, (flight, waiting, waited) = max(overdue.items(), key=lambda item: item[1][2])
     beat = beats[rank]
+    threshold = rule.threshold(beat, step_time)
     return Verdict("hang", rank, beat["host"], beat["pid"], flight["group"], flight["op"], flight["seq"],
-                   beat["step"], onset=now - waited, waiting_ranks=sorted(waiting),
-                   detail=f"ranks {sorted(waiting)} waited {waited:.1f} s in collective #{flight['seq']} "
-                          f"of group {flight['group']}, which rank {rank} never entered")
+                   beat["step"], onset=now - waited, waiting_ranks=waiting,
+                   detail=f"ranks {waiting} waited {waited:.1f} s in collective #{flight['seq']} "
+                          f"of group {flight['group']}, which rank {rank} never entered "
+                          f"(threshold {threshold:.1f} s, rank {rank} in phase {beat.get('phase', 'step')})")
 
 
 def lateness_by_rank(beats: dict[int, dict], window: int) -> tuple[dict[int, list[float]], list[float]] | None:
@@ -204,11 +277,19 @@ class Monitor:
 
     def __init__(self, store: Any, world_size: int, run_dir: Path, heartbeat_s: float, hang_s: float,
                  slow_k: float, slow_window: int, slow_min_fraction: float, restart: bool,
-                 slow_min_s: float = 0.0, local_pids: Callable[[], dict[int, int]] | None = None):
+                 slow_min_s: float = 0.0, local_pids: Callable[[], dict[int, int]] | None = None,
+                 hang_rule: HangRule | None = None, settle_s: float = 0.0):
+        """`hang_s`: an explicit hang threshold for every phase (0: `hang_rule` decides);
+        `settle_s`: how long to gather evidence after the first rank is seen gone."""
         self.store, self.world_size, self.run_dir = store, world_size, run_dir
         self.poll_s = min(0.05, heartbeat_s / 2)
         self.stale_s = max(20 * heartbeat_s, 10.0)  # a heartbeat this old on another host: crashed
-        self.hang_s, self.restart = hang_s, restart
+        self.restart = restart
+        self.hang_rule = hang_rule if hang_rule is not None else HangRule(explicit_s=hang_s)
+        if hang_s > 0 and hang_rule is not None:
+            self.hang_rule = dataclasses.replace(hang_rule, explicit_s=hang_s)
+        self.settle_s = settle_s
+        self.first_gone_at: float | None = None  # when this generation's first exit was seen
         self.elastic = False  # resilience.mode=elastic: the survivors go on in place
         self.slow = (slow_k, slow_window, slow_min_fraction, slow_min_s)
         # rank -> pid of the workers this launcher started (the current generation). Only these
@@ -216,12 +297,14 @@ class Monitor:
         # the store is reachable by any local process, and a forged heartbeat must not make the
         # monitor kill or judge another process.
         self.local_pids = local_pids
-        self.host = socket.gethostname()
+        self.host = host_label()
         self.generation = -1  # the newest worker generation seen
         self.handled: set[int] = set()  # generations whose crash or hang has been reported
         self.slow_reported: set[tuple[int, int]] = set()
         self.gone: list[int] = []
         self.verdicts: list[Verdict] = []
+        self.verdict_of: dict[int, Verdict] = {}  # generation -> its crash or hang
+        self._decided = threading.Condition()
         self._used_markers: set[tuple] = set()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="plait-monitor", daemon=True)
@@ -244,7 +327,7 @@ class Monitor:
                     beats[rank] = beat
         newest = max((b["generation"] for b in beats.values()), default=-1)
         if newest > self.generation:  # the launcher restarted the workers: start afresh
-            self.generation, self.gone = newest, []
+            self.generation, self.gone, self.first_gone_at = newest, [], None
         return {r: b for r, b in beats.items() if b["generation"] == self.generation}
 
     def _run(self) -> None:
@@ -278,13 +361,24 @@ class Monitor:
         if self.generation in self.handled or not beats or usage_error_noted():
             return  # (a usage error ends the job: its exits are not faults)
         dead = self.dead_ranks(beats, now) if dead is None else dead
+        self._add_silent_dead(beats, dead, now)
         for rank, beat in beats.items():
             if rank in dead and beat["state"] != "done" and rank not in self.gone:
                 self.gone.append(rank)
-        verdict = find_crash(beats, self.gone, now) or find_hang(beats, now, self.hang_s)
+        if self.gone and self.first_gone_at is None:
+            self.first_gone_at = now
+        if self.gone and now - self.first_gone_at < self.settle_s and len(dead) < len(beats):
+            return  # the culprit's peers may still be failing: wait for their last heartbeats
+        verdict = find_crash(beats, self.gone, now) or find_hang(beats, now, rule=self.hang_rule)
         if verdict is not None:
+            # The ranks left waiting for the culprit fail with it, whether or not they have yet.
+            verdict.collateral = sorted(set(collateral_of(beats, verdict.rank, self.gone))
+                                        | set(verdict.waiting_ranks) - {verdict.rank})
             self.handled.add(self.generation)
             self._report(verdict, now)
+            with self._decided:
+                self.verdict_of[self.generation] = verdict
+                self._decided.notify_all()
             pid = (self.local_pids() if self.local_pids is not None else {}).get(verdict.rank)
             # Only the process that published the silent heartbeat: under an elastic launcher a
             # rank number can pass to another worker between the heartbeat and this verdict.
@@ -302,6 +396,25 @@ class Monitor:
                 if (self.generation, verdict.rank) not in self.slow_reported:
                     self.slow_reported.add((self.generation, verdict.rank))
                     self._report(verdict, now)
+
+    def _add_silent_dead(self, beats: dict[int, dict], dead: set[int], now: float) -> None:
+        """A worker of this launcher that died before publishing a single heartbeat: an empty
+        one (it entered nothing), so that it can be named, and its peers are not."""
+        pids = self.local_pids() if self.local_pids is not None else {}
+        for rank, pid in pids.items():
+            if rank not in beats and 0 <= rank < self.world_size and process_gone(pid):
+                beats[rank] = {"rank": rank, "generation": self.generation, "pid": pid, "host": self.host,
+                               "state": "running", "time": now, "step": 0, "training": False, "entered": {},
+                               "completed": {}, "inflight": None, "steps": [], "last": ["", "", 0]}
+                dead.add(rank)
+
+    def await_verdict(self, generation: int, timeout_s: float) -> Verdict | None:
+        """The crash or hang of worker generation `generation`, once named (None after
+        timeout_s): the launcher waits for it before it stops the survivors, whose deaths
+        would otherwise read as more crashes."""
+        with self._decided:
+            self._decided.wait_for(lambda: generation in self.verdict_of, timeout=timeout_s)
+            return self.verdict_of.get(generation)
 
     def _onset(self, verdict: Verdict) -> float | None:
         """When an injected fault fired (its marker), else the classifier's estimate."""
@@ -336,6 +449,7 @@ class Monitor:
         print(f"plait: fault detected: {verdict.kind} of rank {verdict.rank} (host {verdict.host}, pid "
               f"{verdict.pid}) at step {verdict.step}{where}: {verdict.detail}"
               + (f"; detected {latency:.2f} s after it began" if latency is not None else "")
+              + (f"; ranks {verdict.collateral} failed in its wake" if verdict.collateral else "")
               + ("; restarting the workers" if action == "restart" else ""), file=sys.stderr, flush=True)
         if verdict.kind != "slow":
             self.store.set(FAULT_KEY.format(generation=self.generation), json.dumps(record))

@@ -40,6 +40,8 @@ from plait.resilience.usage_errors import USAGE_ERROR_ENV
 
 LOOPBACK = "127.0.0.1"
 SNAPSHOT_DIR_ENV = "PLAIT_SNAPSHOT_DIR"  # the job's private snapshot folder (snapshot.py)
+HOST_ENV = "PLAIT_HOST"  # this node's label in heartbeats and reports (default: the host name)
+SHM_ROOT_ENV = "PLAIT_SHM_ROOT"  # where this node keeps in-memory snapshots (default: /dev/shm)
 STOP_GRACE_S = 5.0  # SIGTERM, then SIGKILL after this long
 
 
@@ -55,9 +57,22 @@ def loopback_store(timeout_s: float = 60.0) -> dist.TCPStore:
                          master_listen_fd=listener.detach(), timeout=datetime.timedelta(seconds=timeout_s))
 
 
+def host_label() -> str:
+    """The name this process's machine goes by in heartbeats and fault reports: $PLAIT_HOST,
+    else the host name. Giving each of several local launchers its own label rehearses a
+    multi-node job on one machine."""
+    return os.environ.get(HOST_ENV) or socket.gethostname()
+
+
 def private_shm_root() -> Path:
-    """This user's folder in shared memory, /dev/shm/plait-UID (see make_private_dir)."""
-    base = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
+    """This user's folder in shared memory, SHM/plait-UID (see make_private_dir), where SHM is
+    $PLAIT_SHM_ROOT, else /dev/shm (else the temporary folder). A "node" rehearsed on one
+    machine gets a root of its own, so that losing it loses its snapshots."""
+    given = os.environ.get(SHM_ROOT_ENV)
+    if given:
+        base = Path(given)
+    else:
+        base = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
     return base / f"plait-{os.getuid()}"
 
 

@@ -23,10 +23,20 @@ from pathlib import Path
 from typing import Any
 
 from plait.config import Config
+from plait.resilience.cluster import (
+    PeerJudge,
+    cluster_store,
+    group_store,
+    join_group,
+    post_mortem,
+    say_verdict,
+    under_torchrun,
+)
 from plait.resilience.heartbeat import STORE_ENV, Watchdog, connect_store, generation
 from plait.resilience.inject import FaultInjector, parse_faults
-from plait.resilience.monitor import FAULT_KEY
-from plait.resilience.processes import SNAPSHOT_DIR_ENV
+from plait.resilience.monitor import FAULT_KEY, HangRule
+from plait.resilience.node_snapshot import complete_node_snapshots, write_node_snapshot
+from plait.resilience.processes import SNAPSHOT_DIR_ENV, host_label
 from plait.resilience.snapshot import (
     KEEP,
     job_id,
@@ -68,13 +78,33 @@ class Resilience(TrainingHooks):
         if r.mode != "none" and address and rt.world_size > 1:
             self.store = connect_store(address)
             self.watchdog = Watchdog(self.store, comm, rt.rank, rt.world_size, r.heartbeat_s, r.slow_window)
+        elif r.mode != "none" and rt.world_size > 1 and under_torchrun():
+            self.attach_to_cluster(trainer)
         restarts = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0"))
-        # Every rank restores from the path rank 0 chooses, so snapshots serve a one-node job
-        # only for now (on several nodes the others could not read rank 0's /dev/shm).
-        one_node = rt.world_size == rt.local_world_size
-        self.snapshot_every = r.snapshot_every if r.mode == "restart" and restarts > 0 and one_node else 0
+        self.snapshot_every = r.snapshot_every if r.mode == "restart" and restarts > 0 else 0
         self.root = (snapshot_root(self.run_dir, job_id()) if self.snapshot_every or SNAPSHOT_DIR_ENV in os.environ
                      else None)
+        # Several nodes: each keeps its snapshots in its own memory, with a copy of its buddy
+        # node's; after a restart, the newest snapshot is made whole on every node first.
+        self.multi_node = rt.world_size > rt.local_world_size
+        if self.multi_node and self.root is not None:
+            complete_node_snapshots(self.root, comm, trainer.mesh.world, rt.local_rank)
+
+    def attach_to_cluster(self, trainer: Trainer) -> None:
+        """Under torchrun: heartbeats in the agents' store, under this worker group's number,
+        and the judge that names a hung rank from inside it (cluster.py)."""
+        r, rt = self.cfg.resilience, trainer.rt
+        self.cluster = cluster_store(max(60.0, self.cfg.parallel.timeout_s))
+        self.group = join_group(self.cluster, trainer.comm, trainer.mesh.world)
+        rule = HangRule(min_s=r.hang_min_s, k=r.hang_k, warmup_steps=r.warmup_steps, explicit_s=r.hang_s,
+                        backstop_s=self.cfg.parallel.timeout_s / 2)
+        judge = PeerJudge(self.cluster, self.group, rt.rank, rule,
+                          (r.slow_k, r.slow_window, r.slow_min_fraction, r.slow_min_s), self.run_dir,
+                          every_s=max(r.heartbeat_s, 0.5))
+        self.store = group_store(self.cluster, self.group)
+        self.watchdog = Watchdog(self.store, trainer.comm, rt.rank, rt.world_size, r.heartbeat_s, r.slow_window,
+                                 judge=judge)
+        self.hosts = trainer.comm.all_gather_object(host_label(), trainer.mesh.world)
 
     # --- the loop ---------------------------------------------------------------------------
     def begin_step(self, step: int) -> None:
@@ -91,19 +121,36 @@ class Resilience(TrainingHooks):
             self.snapshot(trainer)
         self._collect_writer(trainer.log, wait=False)
 
+    def phase(self, name: str) -> None:
+        if self.watchdog is not None:
+            self.watchdog.set_phase(name)
+
     def snapshot(self, trainer: Trainer) -> None:
         """Every rank writes its own pieces of the state into the job's shared-memory folder, as
         a sharded checkpoint (collective): no rank gathers the model. Rank 0 commits it."""
+        self.phase("snapshot")
+        try:
+            self._snapshot(trainer)
+        finally:
+            self.phase("step")
+
+    def _snapshot(self, trainer: Trainer) -> None:
         started = time.perf_counter()
         step = trainer.state.step
-        if self.rt.is_main:
-            self._copy = "host"  # the one copy of a one-node job; rank 0 removes it when done
+        leader = self.rt.local_rank == 0 if self.multi_node else self.rt.is_main
+        if leader:
+            self._copy = "host"  # the node's copy; its first rank removes it when done
             prepare_snapshot_root(self.root)
         files = trainer.small_files()  # collective
+        mine = files if self.rt.is_main else {}
         try:
-            path = write_sharded_checkpoint(self.root / "host", step, trainer.parallel.state_pieces(),
-                                            files if self.rt.is_main else {}, trainer.comm, trainer.mesh.world)
-            if self.rt.is_main:
+            if self.multi_node:
+                path = write_node_snapshot(self.root, step, trainer.parallel.state_pieces(), mine, trainer.comm,
+                                           trainer.mesh.world, self.rt.local_rank, self.rt.local_world_size)
+            else:
+                path = write_sharded_checkpoint(self.root / "host", step, trainer.parallel.state_pieces(), mine,
+                                                trainer.comm, trainer.mesh.world)
+            if leader:
                 ckpt.prune(self.root / "host", KEEP)
             self._written = {"step": step, "path": str(path), "seconds": round(time.perf_counter() - started, 4)}
         except OSError as exc:  # shared memory full, say: training goes on, the disk checkpoint remains
@@ -134,28 +181,43 @@ class Resilience(TrainingHooks):
             return snapshot, bad + rejected, "memory"
         return path, [(p, why) for p, why in bad if snapshot_step(p) > disk_step] + rejected, on_disk
 
+    def locate(self, path: Path) -> Path:
+        """A snapshot rank 0 chose, in this node's own memory (same folder name on every node)."""
+        if self.root is not None and path.parent.name == "host" and path.parent.parent.name == self.root.name:
+            return self.root / "host" / path.name
+        return path
+
     def resumed(self, trainer: Trainer, steps_redone: int, source: str) -> None:
         """Rank 0, after a restart: what the fault cost, in events.jsonl and on the console."""
         log, step = trainer.log, trainer.state.step
-        gen = generation()
+        cluster = getattr(self, "group", None) is not None
+        gen = self.group - 1 if cluster else generation()
         if gen == 0 or not self.rt.is_main:
             return
         if step == 0:  # nothing to resume from: every row of the failed attempt is redone
             steps_redone = log.truncate_metrics(0)
         fault: dict[str, Any] = {}
         key = FAULT_KEY.format(generation=gen - 1)
-        if self.store is not None and self.store.check([key]):
+        if cluster:  # under torchrun: judged now, from the failed group's last heartbeats
+            fault = post_mortem(self.cluster, self.group - 1, self.run_dir, self.hosts) or {}
+            if fault:
+                log.event("fault_detected", **{k: v for k, v in fault.items() if k not in ("event", "time")},
+                          detected_at=fault.get("time"))
+                say_verdict(fault)
+        elif self.store is not None and self.store.check([key]):
             fault = json.loads(self.store.get(key))
         detected = fault.get("time")
         now = time.time()
         record = {
             "kind": fault.get("kind", "unknown"), "culprit": fault.get("rank"), "host": fault.get("host"),
-            "detection_latency_s": fault.get("detection_latency_s"),
+            "collateral": fault.get("collateral", []), "detection_latency_s": fault.get("detection_latency_s"),
             "recovery_time_s": round(now - detected, 3) if detected else None,
             "steps_redone": steps_redone, "resumed_step": step, "source": source,
             "world_size_before": fault.get("world_size", self.rt.world_size),
             "world_size_after": self.rt.world_size, "restart": gen,
         }
+        if "ranks" in fault:  # a lost node: its ranks
+            record["ranks"] = fault["ranks"]
         log.event("recovered", **record)
         print(f"plait: recovered from {record['kind']} of rank {record['culprit']}: resumed at step {step} "
               f"from {source} ({steps_redone} steps redone), "

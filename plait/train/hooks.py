@@ -6,9 +6,14 @@ every hook object it was given, in order:
 
 - `attach(trainer)`: once, at the end of the trainer's construction;
 - `choose_resume(path, rejected, source)`: rank 0, before a resume: may offer a newer state;
+- `locate(path)`: every rank, the state rank 0 chose: where this rank reads it (a snapshot in
+  each node's own memory has the same name on every node);
 - `resumed(trainer, steps_redone, source)`: every rank, once the resume is accepted;
 - `begin_step(step)` / `end_step(trainer, step, step_time_s)`: around each optimizer step,
   `end_step` after the step's metrics and checkpoint are written;
+- `phase(name)`: the loop enters a phase that may legitimately outlast a step ("eval",
+  "checkpoint", "finish"), or goes back to training steps ("step"): a hang detector must
+  not count a rank that is busy there as missing from a collective;
 - `close(finished)`: when the trainer closes, whether the run finished or failed.
 """
 
@@ -38,6 +43,10 @@ class TrainingHooks:
         a hook that keeps a newer state elsewhere returns it instead, with its own source."""
         return path, rejected, source
 
+    def locate(self, path: Path) -> Path:
+        """Where this rank reads the state rank 0 chose to resume from (`path` on rank 0)."""
+        return path
+
     def resumed(self, trainer: Trainer, steps_redone: int, source: str) -> None:
         """Every rank, once the resume is accepted: the run continues at `trainer.state.step`;
         `steps_redone` metric rows of a previous attempt were dropped."""
@@ -48,6 +57,9 @@ class TrainingHooks:
     def end_step(self, trainer: Trainer, step: int, step_time_s: float) -> None:
         """After step `step` is committed (metrics logged, a due checkpoint written). A hook may
         raise here to leave the loop at this step boundary."""
+
+    def phase(self, name: str) -> None:
+        """The loop enters phase `name`: "eval", "checkpoint", "finish", or "step" again."""
 
     def close(self, finished: bool) -> None:
         """The trainer closes: `finished` when every configured step was run."""
@@ -69,6 +81,11 @@ class HookChain(TrainingHooks):
             path, rejected, source = hook.choose_resume(path, rejected, source)
         return path, rejected, source
 
+    def locate(self, path: Path) -> Path:
+        for hook in self.hooks:
+            path = hook.locate(path)
+        return path
+
     def resumed(self, trainer: Trainer, steps_redone: int, source: str) -> None:
         for hook in self.hooks:
             hook.resumed(trainer, steps_redone, source)
@@ -80,6 +97,10 @@ class HookChain(TrainingHooks):
     def end_step(self, trainer: Trainer, step: int, step_time_s: float) -> None:
         for hook in self.hooks:
             hook.end_step(trainer, step, step_time_s)
+
+    def phase(self, name: str) -> None:
+        for hook in self.hooks:
+            hook.phase(name)
 
     def close(self, finished: bool) -> None:
         # Every hook closes (a watchdog must stop) even when an earlier one fails; the first

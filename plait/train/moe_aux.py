@@ -20,7 +20,9 @@ micro-batches) is the loss of the global batch, like the language-model loss:
   (micro-batch = a rank's share of the global batch) nothing is kept and nothing repeated.
 - `micro_batch` scope: f_i per forward pass, counted over the ranks that share the
   micro-batch's tokens (cp x tp), then averaged over the global batch's dp x accumulation
-  micro-batches. It depends on how the batch is cut into micro-batches, by nature.
+  micro-batches (every dp rank runs `accumulation` of them, layout/batch.py, even where their
+  rows differ by one; each counts alike). It depends on how the batch is cut into
+  micro-batches, by nature.
 
 Both losses are summed over the MoE layers, each times its coefficient (`train.lbl_coef`,
 `train.z_loss_coef`). The `loss` metric stays the language-model loss alone.
@@ -46,7 +48,9 @@ class MoEAux:
         self.lbl_coef, self.z_coef, self.scope = t.lbl_coef, t.z_loss_coef, t.lbl_scope
         self.groups, self.comm = groups, comm
         self.tokens_per_step = tokens_per_step
-        self.micro_batches = accumulation * cfg.parallel.dp  # in the global batch
+        # In the global batch: every dp rank runs `accumulation` (config.accumulation_steps), none
+        # empty, however unevenly the rows are shared out.
+        self.micro_batches = accumulation * cfg.parallel.dp
         self.global_counts = [GlobalBatchCounts(self.n_experts, self.top_k, groups.tokens, comm)
                               for _ in self.layers]
         # Retain the step's graphs only when the global-batch loss reaches back into them.

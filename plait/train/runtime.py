@@ -12,8 +12,12 @@ addresses. `generation_store` scopes each generation's keys with a prefix of its
 
 from __future__ import annotations
 
+import base64
+import binascii
 import datetime
+import io
 import os
+import pickle
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,7 +67,38 @@ def generation_store(timeout: datetime.timedelta) -> Any | None:
     store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), int(env["WORLD_SIZE"]),
                           is_master=not use_agent_store and rank == 0, timeout=timeout,
                           wait_for_workers=False, multi_tenant=True)
-    return dist.PrefixStore(f"plait/generation-{env['TORCHELASTIC_RESTART_COUNT']}", store)
+    # torchrun's agents share one store across rendezvous rounds, and their restart counts
+    # differ once a node has left or joined (a membership change is not a restart): the round
+    # names the worker group where it can be read, the restart count elsewhere (plait's launchers).
+    round_ = rendezvous_round(store, env.get("TORCHELASTIC_RUN_ID", "")) if "PLAIT_JOB_ID" not in env else None
+    name = f"round-{round_}" if round_ is not None else f"generation-{env['TORCHELASTIC_RESTART_COUNT']}"
+    return dist.PrefixStore(f"plait/{name}", store)
+
+
+class _RendezvousStateReader(pickle.Unpickler):
+    """Reads torch's c10d rendezvous state (a pickle in the agents' store), building its own
+    classes only: whatever else is found there is refused, never run."""
+
+    ALLOWED = {("torch.distributed.elastic.rendezvous.dynamic_rendezvous", "_RendezvousState"),
+               ("torch.distributed.elastic.rendezvous.dynamic_rendezvous", "_NodeDesc"),
+               ("datetime", "datetime"), ("datetime", "timedelta"), ("datetime", "timezone")}
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"{module}.{name} is not part of a rendezvous state")
+        return super().find_class(module, name)
+
+
+def rendezvous_round(store: Any, run_id: str) -> int | None:
+    """The round of torch's c10d rendezvous that formed this worker group (None: no such state)."""
+    key = f"torch.rendezvous.{run_id}"
+    try:
+        if not run_id or not store.check([key]):
+            return None
+        state = _RendezvousStateReader(io.BytesIO(base64.b64decode(store.get(key)))).load()
+        return int(state.round)
+    except (pickle.UnpicklingError, ValueError, TypeError, AttributeError, EOFError, binascii.Error):
+        return None
 
 
 def init_runtime(cfg: Config) -> Runtime:

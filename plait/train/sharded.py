@@ -249,6 +249,21 @@ def write_sharded_checkpoint(root: Path, step: int, pieces: list[Piece], small_f
         ckpt.remove_leftovers(root)
         tmp.mkdir()
     comm.barrier(group)
+    path = root / ckpt.step_dir_name(step)
+    try:
+        entries = write_pieces(tmp, pieces, comm, group)
+        if is_main:
+            path = ckpt.commit_sharded(root, step, merged_entries(entries), small_files)
+    finally:
+        if is_main and tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    comm.barrier(group)  # nobody moves on (or exits) until the checkpoint is committed
+    return path
+
+
+def write_pieces(tmp: Path, pieces: list[Piece], comm: Comm, group: Group) -> list[dict[str, dict[str, Any]]]:
+    """Every rank of `group` writes its pieces into `tmp` (collective); returns, per rank, the
+    entries (size, sha256) of the files it wrote. A failure on any rank raises on every rank."""
     ckpt.pause_for_tests()
     failure = None
     try:
@@ -259,18 +274,13 @@ def write_sharded_checkpoint(root: Path, step: int, pieces: list[Piece], small_f
         failure, own = exc, {}
     gathered = comm.all_gather_object((own, _describe(failure)), group, tag=CHECKPOINT)
     problems = [why for _, why in gathered if why is not None]
-    path = root / ckpt.step_dir_name(step)
-    try:
-        if problems:
-            raise _collective_error(problems[0])
-        if is_main:
-            entries = {name: entry for files, _ in gathered for name, entry in files.items()}
-            path = ckpt.commit_sharded(root, step, entries, small_files)
-    finally:
-        if is_main and tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    comm.barrier(group)  # nobody moves on (or exits) until the checkpoint is committed
-    return path
+    if problems:
+        raise _collective_error(problems[0])
+    return [files for files, _ in gathered]
+
+
+def merged_entries(per_rank: list[dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    return {name: entry for files in per_rank for name, entry in files.items()}
 
 
 def _describe(exc: BaseException | None) -> tuple | None:

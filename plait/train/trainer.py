@@ -76,7 +76,7 @@ class Trainer:
         self.comm = Comm()
         self.mesh = Mesh.build(
             ParallelDims(dp=cfg.parallel.dp, tp=cfg.parallel.tp, cp=cfg.parallel.cp, pp=cfg.parallel.pp),
-            runtime.rank,
+            runtime.rank, timeout_s=cfg.parallel.timeout_s,
         )
         self.data = self._load_data()
         self.model = build_model(cfg.model, cfg.train.seed, runtime.device)
@@ -92,6 +92,8 @@ class Trainer:
         self.val_starts = eval_starts(len(self.data.val), cfg.model.seq_len, cfg.train.eval_batches * cfg.train.global_batch)
         self.flops_per_token = flops_per_token(cfg.model, self.n_params)
         self.peak = peak_flops(runtime.device)
+        # Micro-batches per step, the same on every dp rank even where their shares of the
+        # global batch differ by a row (layout/batch.py).
         self.accum = accumulation_steps(cfg)
         self.tokens_per_step = cfg.train.global_batch * cfg.model.seq_len
         # MoE models: router auxiliary losses and expert-load metrics (None when dense).
@@ -141,7 +143,7 @@ class Trainer:
             raise getattr(errors, chosen[1], errors.CheckpointError)(chosen[2])
         _, path, rejected, warnings = chosen
         if path is not None:
-            self.restore(self._read_checkpoint(Path(path)), f"checkpoint {path}")
+            self.restore(self._read_checkpoint(self.hooks.locate(Path(path))), f"checkpoint {path}")
         # Accepted: from here on the run directory is written.
         self.started = True
         if self.rt.is_main:
@@ -231,9 +233,16 @@ class Trainer:
 
     # --- one optimizer step ---------------------------------------------------------------
     def _micro_batches(self, starts: np.ndarray) -> list[np.ndarray]:
-        per_rank = len(starts) // self.mesh.dp.size
-        mine = starts[self.mesh.dp.rank * per_rank:(self.mesh.dp.rank + 1) * per_rank]
-        return np.split(mine, self.accum)
+        """This rank's rows of the step's global batch, cut into `self.accum` micro-batches.
+
+        Any dp serves any global batch (plait/layout/batch.py): the dp ranks take the rows in
+        order, as evenly as possible (the first global_batch % dp one row more), and every rank
+        cuts its rows into the same number of micro-batches, sizes differing by at most one,
+        since ZeRO-3 and the pipeline run collectives in each. Validation guarantees none is
+        empty. Where micro_batch x dp divides the batch this is the equal split, row for row.
+        """
+        mine = np.array_split(starts, self.mesh.dp.size)[self.mesh.dp.rank]
+        return np.array_split(mine, self.accum)
 
     def _batch(self, tokens: np.ndarray, starts: np.ndarray):
         inputs, targets = (t.to(self.rt.device, non_blocking=True)
@@ -284,12 +293,16 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> float:
         """Mean loss per token over the fixed validation windows, shared out over the dp ranks."""
-        # Equal shares, so every rank runs the same number of forwards (ZeRO-3 gathers in each).
-        per_rank = max(1, len(self.val_starts) // self.mesh.dp.size)
-        starts = np.resize(self.val_starts, per_rank * self.mesh.dp.size)
-        mine = starts[self.mesh.dp.rank * per_rank:(self.mesh.dp.rank + 1) * per_rank]
+        # Every window once, shared as evenly as the dp size allows (the mean is then the same
+        # on any layout), in the same number of forwards on every rank (ZeRO-3 gathers in each).
+        dp = self.mesh.dp.size
+        windows = len(self.val_starts)
+        starts = self.val_starts if windows >= dp else np.resize(self.val_starts, dp)  # a window for each
+        mine = np.array_split(starts, dp)[self.mesh.dp.rank]
+        fewest = len(starts) // dp
+        forwards = min(fewest, -(-(-(-len(starts) // dp)) // self.cfg.train.micro_batch))
         totals = torch.zeros(2, dtype=torch.float64, device=self.rt.device)
-        for chunk in np.array_split(mine, -(-len(mine) // self.cfg.train.micro_batch)):
+        for chunk in np.array_split(mine, forwards):
             inputs, targets, positions = self._batch(self.data.val, chunk)
             if self.parallel.runner is None:
                 totals[0] += self.loss_sum(inputs, targets, positions).double()
@@ -350,17 +363,22 @@ class Trainer:
                     **(self.moe.step_metrics() if self.moe is not None else {}),
                 }
                 if step == cfg.train.steps or (cfg.train.eval_every and step % cfg.train.eval_every == 0):
+                    self.hooks.phase("eval")
                     row["val_loss"] = result.val_loss = self.evaluate()
+                    self.hooks.phase("step")
                     self.log.event("evaluation", step=step, val_loss=row["val_loss"])
                 self.log.metrics(row)
                 self._warn_once_if_not_finite(step, loss)
                 result.losses.append(loss)
                 progress.update(step, loss, tokens_per_s, row.get("val_loss"))
                 if step == cfg.train.steps or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
+                    self.hooks.phase("checkpoint")
                     self.save_checkpoint()
+                    self.hooks.phase("step")
                     last_saved = step
                 self._checkpoint_written(wait=False)  # logs a background write once it is committed
                 self.hooks.end_step(self, step, step_time)
+            self.hooks.phase("finish")  # the last checkpoint, the sample: longer than a step
             if last_saved != self.state.step:
                 self.save_checkpoint()
             self._checkpoint_written(wait=True)  # the run ends with its last checkpoint committed
