@@ -17,11 +17,16 @@ one thread per rank), so this measures what a user gets:
   (the gather on the critical path, the write to shared memory in a background thread on the
   same cores), i.e. snapshot_every = block. The figures are the ratios of the median block
   times to the plain blocks', target <= 1.03;
-- no alarm: healthy `--steps`-step runs in restart mode, with the launcher's monitor.
+- no alarm: healthy `--steps`-step runs in restart mode, with the launcher's monitor;
+- two nodes (`--two-nodes`, on by default; `--only-two-nodes` alone): two simulated nodes of
+  2 processes, each its own torchrun agent (c10d rendezvous on 127.0.0.1): rank 3 crashes, and
+  in a second run node-b's agent and workers are killed; per case the fault's kind, culprit,
+  host and collateral, detection latency, time to recover, steps redone, world size before and
+  after, and the largest loss difference to a fault-free 4-process run.
 
 Prints one JSON object.
 
-    python benchmarks/recovery.py [--nproc 4] [--steps 100] [--block 25] [--pairs 6]
+    python benchmarks/recovery.py [--nproc 4] [--steps 100] [--block 25] [--pairs 6] [--no-two-nodes]
 """
 
 from __future__ import annotations
@@ -35,6 +40,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from plait.resilience.rehearsal import SimulatedNodes
 
 BASE = ["train.global_batch=16", "train.micro_batch=4", "train.eval_every=0", "train.eval_batches=1",
         "train.sample_tokens=0", "train.threads=1", "checkpoint.every=0", "log.tensorboard=false",
@@ -160,6 +167,60 @@ def measure_elastic(nproc: int, steps: int, snapshot_every: int) -> dict:
     }
 
 
+TWO_NODE_STEPS = 80
+
+
+def two_node_run(root: Path, plan: str) -> dict:
+    """Two simulated nodes x 2 processes (torchrun agents with a c10d rendezvous on 127.0.0.1,
+    plait/resilience/rehearsal.py): `crash` (rank 3 crashes at step 20) or `node_lost` (node-b's
+    agent and workers killed at step 20)."""
+    overrides = BASE + [f"train.steps={TWO_NODE_STEPS}", "model.n_layers=2", "train.global_batch=8",
+                        "train.micro_batch=2", "resilience.snapshot_every=2", "resilience.heartbeat_s=0.1",
+                        "parallel.timeout_s=20"]
+    fault = "slow@rank=0,delay=0.01" + ("; crash@rank=3,step=20" if plan == "crash" else "")
+    args = ["train", "--run-dir", str(root / "run")]
+    for item in overrides + [f"fault.inject={fault}"]:
+        args += ["--set", item]
+    nodes = SimulatedNodes(root, ["node-a", "node-b"], nproc_per_node=2, plait_args=args)
+    nodes.start_all()
+    metrics = root / "run" / "metrics.jsonl"
+    if plan == "node_lost":
+        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 20):
+            time.sleep(0.2)
+        nodes.kill("node-b")
+    codes = nodes.wait()
+    events = read(root / "run" / "events.jsonl")
+    (detected,) = [e for e in events if e["event"] == "fault_detected" and e["kind"] != "slow"] or [{}]
+    (recovered,) = [e for e in events if e["event"] == "recovered"] or [{}]
+    steps = [r["step"] for r in read(metrics)]
+    return {"agents_exit": codes, "kind": detected.get("kind"), "culprit": detected.get("rank"),
+            "host": detected.get("host"), "ranks": detected.get("ranks"), "collateral": detected.get("collateral"),
+            "detection_latency_s": detected.get("detection_latency_s"),
+            "recovery_time_s": recovered.get("recovery_time_s"), "steps_redone": recovered.get("steps_redone"),
+            "resumed_from": recovered.get("source"), "world_before": recovered.get("world_size_before"),
+            "world_after": recovered.get("world_size_after"), "steps_completed": len(set(steps)),
+            "losses": [r["loss"] for r in read(metrics)]}
+
+
+def measure_two_nodes() -> dict:
+    """The crash and node-loss rehearsals, each against a fault-free 4-process run of the same dp."""
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        overrides = [f"train.steps={TWO_NODE_STEPS}", "model.n_layers=2", "train.global_batch=8",
+                     "train.micro_batch=2", "resilience.mode=none"]
+        train(root / "reference", 4, overrides)
+        reference = [r["loss"] for r in read(root / "reference" / "metrics.jsonl")]
+        rows = {}
+        for plan in ("crash", "node_lost"):
+            (root / plan).mkdir()
+            row = two_node_run(root / plan, plan)
+            losses = row.pop("losses")
+            row["max_loss_delta_vs_fault_free"] = (max(abs(a - b) for a, b in zip(losses, reference))
+                                                   if len(losses) == len(reference) else None)
+            rows[plan] = row
+        return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nproc", type=int, default=4)
@@ -167,7 +228,13 @@ def main() -> None:
     parser.add_argument("--snapshot-every", type=int, default=25)
     parser.add_argument("--block", type=int, default=25, help="steps per block (one snapshot in each of a kind)")
     parser.add_argument("--pairs", type=int, default=6, help="blocks of each kind")
+    parser.add_argument("--two-nodes", action=argparse.BooleanOptionalAction, default=True,
+                        help="also rehearse a crash and a node loss on two simulated torchrun nodes")
+    parser.add_argument("--only-two-nodes", action="store_true", help="the two-node rows alone")
     args = parser.parse_args()
+    if args.only_two_nodes:
+        print(json.dumps({"two_nodes": measure_two_nodes()}, indent=1))
+        return
     overhead = measure_overhead(args.nproc, args.block, args.pairs)
     steps = [f"train.steps={args.steps}"]
     restart = ["resilience.mode=restart", f"resilience.snapshot_every={args.snapshot_every}"]
@@ -195,6 +262,7 @@ def main() -> None:
         "steps_completed": len(losses),
         "max_loss_delta_vs_healthy": max(abs(a - b) for a, b in zip(losses, reference)) if losses else None,
         "elastic_mode": measure_elastic(args.nproc, args.steps, args.snapshot_every),
+        "two_nodes": measure_two_nodes() if args.two_nodes else None,
         "overhead": overhead,
         "alarms_in_healthy_run": alarms,
     }, indent=1))

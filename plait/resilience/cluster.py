@@ -63,14 +63,15 @@ def cluster_store(timeout_s: float) -> Any:
     return dist.PrefixStore(f"plait/{env['TORCHELASTIC_RUN_ID']}/", store)
 
 
-def join_group(store: Any, comm: Comm, world: Group) -> int:
-    """This worker group's number (collective): 1 for the first, counted up by every restart."""
+def join_group(store: Any, comm: Comm, world: Group) -> tuple[int, list[str]]:
+    """This worker group's number (collective): 1 for the first, counted up by every restart;
+    and every rank's host label."""
     group = store.add(GROUPS_KEY, 1) if world.rank == 0 else None
     group = comm.broadcast_object(group, 0, world)
     hosts = comm.all_gather_object(host_label(), world)
     if world.rank == 0:
         group_store(store, group).set(WORLD_KEY, json.dumps({"world_size": world.size, "hosts": hosts}))
-    return group
+    return group, hosts
 
 
 def group_store(store: Any, group: int) -> Any:

@@ -4,8 +4,8 @@ The heartbeat says where this rank is: its step and phase ("setup" until its fir
 ends, "step", or a phase the loop announced as possibly long: "eval", "checkpoint",
 "snapshot", "finish"), how many steps it has completed since it started, how far it has got
 in each group's sequence of collectives (entered and completed), the collective it is
-waiting in and for how long, and, per recent step, how long it waited in collectives in total. The monitor (monitor.py, in the
-launcher) compares the ranks' heartbeats to name a crashed, hung or slow rank. Publishing
+waiting in and for how long, and, per recent step, how long it waited in collectives in
+total. The monitor (monitor.py, in the launcher) compares the ranks' heartbeats to name a crashed, hung or slow rank. Publishing
 from a thread keeps it going while the main thread is stuck (a hang) and off the step's
 critical path; what the main thread adds per collective is one observer call.
 """

@@ -28,11 +28,9 @@ class ResilienceGuard:
         self.monitor: Monitor | None = None
         if self.enabled:
             self.store = loopback_store(timeout_s=30)
-            rule = HangRule(min_s=r.hang_min_s, k=r.hang_k, warmup_steps=r.warmup_steps, explicit_s=r.hang_s,
-                            backstop_s=cfg.parallel.timeout_s / 2)
             self.monitor = Monitor(self.store, nproc, run_dir, r.heartbeat_s, r.hang_s, r.slow_k, r.slow_window,
                                    r.slow_min_fraction, restart=self.max_restarts > 0, slow_min_s=r.slow_min_s,
-                                   local_pids=local_pids, hang_rule=rule, settle_s=r.settle_s)
+                                   local_pids=local_pids, hang_rule=HangRule.from_config(cfg), settle_s=r.settle_s)
         # How long a launcher waits at most for the monitor's verdict on a failed worker: the
         # settling window, plus room for the other workers' last heartbeats on a loaded machine
         # (the verdict usually comes as soon as every worker has exited).

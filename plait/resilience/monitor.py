@@ -77,6 +77,12 @@ class HangRule:
     explicit_s: float = 0.0  # resilience.hang_s: when set, the threshold in every phase
     backstop_s: float = 300.0  # warm-up and long phases: parallel.timeout_s / 2
 
+    @classmethod
+    def from_config(cls, cfg: Any) -> HangRule:
+        r = cfg.resilience
+        return cls(min_s=r.hang_min_s, k=r.hang_k, warmup_steps=r.warmup_steps, explicit_s=r.hang_s,
+                   backstop_s=cfg.parallel.timeout_s / 2)
+
     def threshold(self, laggard: dict, step_time_s: float | None) -> float:
         """How long the others may wait for `laggard` (its heartbeat) before it is hung."""
         if self.explicit_s > 0:
@@ -100,15 +106,15 @@ def _laggards(beats: dict[int, dict], candidates: list[int], now: float
             continue
         # A final heartbeat ("failed") stopped the clock: the wait ended with the process.
         waited = flight["waiting_s"] + (max(0.0, now - beat["time"]) if beat.get("state") == "running" else 0.0)
+        where = (flight["group"], flight["seq"])
         for other in flight["ranks"]:
-            if other in candidates and other in beats and beats[other]["entered"].get(flight["group"], 0) < flight["seq"]:
-                previous = found.get(other)
-                if previous is None or (previous[0]["group"], previous[0]["seq"]) != (flight["group"], flight["seq"]):
-                    if previous is not None and previous[2] >= waited:
-                        continue
-                    found[other] = (flight, [rank], waited)
-                else:
-                    found[other] = (flight, previous[1] + [rank], max(previous[2], waited))
+            if other not in candidates or other not in beats or beats[other]["entered"].get(where[0], 0) >= where[1]:
+                continue  # not a candidate, or it did enter
+            previous = found.get(other)
+            if previous is not None and (previous[0]["group"], previous[0]["seq"]) == where:
+                found[other] = (flight, previous[1] + [rank], max(previous[2], waited))
+            elif previous is None or previous[2] < waited:  # the longest wait's collective
+                found[other] = (flight, [rank], waited)
     return {rank: (flight, sorted(waiting), waited) for rank, (flight, waiting, waited) in found.items()}
 
 

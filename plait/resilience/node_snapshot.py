@@ -31,7 +31,7 @@ import torch
 from plait.comm import CHECKPOINT, Comm, Group
 from plait.parallel.pieces import Piece
 from plait.train import checkpoint as ckpt
-from plait.train.sharded import merged_entries, write_pieces
+from plait.train.sharded import merged_entries, temp_folder, write_pieces
 
 COPY = "host"  # the node's own copy (snapshot.COPIES)
 
@@ -47,12 +47,7 @@ def write_node_snapshot(root: Path, step: int, pieces: list[Piece], small_files:
     Returns this node's committed snapshot folder."""
     folder = root / COPY
     leader = local_rank == 0
-    tmp = ckpt.sharded_temp_dir(folder, step)
-    if leader:
-        folder.mkdir(parents=True, exist_ok=True)
-        ckpt.remove_leftovers(folder)
-        tmp.mkdir()
-    comm.barrier(world)
+    tmp = temp_folder(folder, step, leader, comm, world)  # one per node: each leader makes its own
     try:
         per_rank = write_pieces(tmp, pieces, comm, world)
         if world.size > local_world_size:

@@ -36,7 +36,7 @@ from plait.resilience.heartbeat import STORE_ENV, Watchdog, connect_store, gener
 from plait.resilience.inject import FaultInjector, parse_faults
 from plait.resilience.monitor import FAULT_KEY, HangRule
 from plait.resilience.node_snapshot import complete_node_snapshots, write_node_snapshot
-from plait.resilience.processes import SNAPSHOT_DIR_ENV, host_label
+from plait.resilience.processes import SNAPSHOT_DIR_ENV
 from plait.resilience.snapshot import (
     KEEP,
     job_id,
@@ -60,6 +60,7 @@ class Resilience(TrainingHooks):
         self.cfg, self.run_dir = cfg, run_dir
         self.store: Any = None
         self.watchdog: Watchdog | None = None
+        self.group: int | None = None  # under torchrun: this worker group's number (cluster.py)
         self.snapshot_every = 0  # what attach() finds possible
         self.root: Path | None = None  # the job's snapshot folder, if it has one
         # Under torchrun nobody but the workers can remove the snapshots: they do, on leaving.
@@ -95,16 +96,13 @@ class Resilience(TrainingHooks):
         and the judge that names a hung rank from inside it (cluster.py)."""
         r, rt = self.cfg.resilience, trainer.rt
         self.cluster = cluster_store(max(60.0, self.cfg.parallel.timeout_s))
-        self.group = join_group(self.cluster, trainer.comm, trainer.mesh.world)
-        rule = HangRule(min_s=r.hang_min_s, k=r.hang_k, warmup_steps=r.warmup_steps, explicit_s=r.hang_s,
-                        backstop_s=self.cfg.parallel.timeout_s / 2)
-        judge = PeerJudge(self.cluster, self.group, rt.rank, rule,
+        self.group, self.hosts = join_group(self.cluster, trainer.comm, trainer.mesh.world)
+        judge = PeerJudge(self.cluster, self.group, rt.rank, HangRule.from_config(self.cfg),
                           (r.slow_k, r.slow_window, r.slow_min_fraction, r.slow_min_s), self.run_dir,
                           every_s=max(r.heartbeat_s, 0.5))
         self.store = group_store(self.cluster, self.group)
         self.watchdog = Watchdog(self.store, trainer.comm, rt.rank, rt.world_size, r.heartbeat_s, r.slow_window,
                                  judge=judge)
-        self.hosts = trainer.comm.all_gather_object(host_label(), trainer.mesh.world)
 
     # --- the loop ---------------------------------------------------------------------------
     def begin_step(self, step: int) -> None:
@@ -190,7 +188,7 @@ class Resilience(TrainingHooks):
     def resumed(self, trainer: Trainer, steps_redone: int, source: str) -> None:
         """Rank 0, after a restart: what the fault cost, in events.jsonl and on the console."""
         log, step = trainer.log, trainer.state.step
-        cluster = getattr(self, "group", None) is not None
+        cluster = self.group is not None
         gen = self.group - 1 if cluster else generation()
         if gen == 0 or not self.rt.is_main:
             return

@@ -243,12 +243,7 @@ def write_sharded_checkpoint(root: Path, step: int, pieces: list[Piece], small_f
     file where there is one; the temporary folder is removed and the committed checkpoints stay
     as they were."""
     is_main = group.rank == 0
-    tmp = ckpt.sharded_temp_dir(root, step)
-    if is_main:
-        root.mkdir(parents=True, exist_ok=True)
-        ckpt.remove_leftovers(root)
-        tmp.mkdir()
-    comm.barrier(group)
+    tmp = temp_folder(root, step, is_main, comm, group)
     path = root / ckpt.step_dir_name(step)
     try:
         entries = write_pieces(tmp, pieces, comm, group)
@@ -259,6 +254,18 @@ def write_sharded_checkpoint(root: Path, step: int, pieces: list[Piece], small_f
             shutil.rmtree(tmp, ignore_errors=True)
     comm.barrier(group)  # nobody moves on (or exits) until the checkpoint is committed
     return path
+
+
+def temp_folder(root: Path, step: int, owner: bool, comm: Comm, group: Group) -> Path:
+    """The step's temporary folder under `root`, made by its `owner` (after removing what an
+    interrupted write left there) before any rank of `group` writes into it (collective)."""
+    tmp = ckpt.sharded_temp_dir(root, step)
+    if owner:
+        root.mkdir(parents=True, exist_ok=True)
+        ckpt.remove_leftovers(root)
+        tmp.mkdir()
+    comm.barrier(group)
+    return tmp
 
 
 def write_pieces(tmp: Path, pieces: list[Piece], comm: Comm, group: Group) -> list[dict[str, dict[str, Any]]]:
