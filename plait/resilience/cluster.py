@@ -120,7 +120,7 @@ class PeerJudge:
             verdict.collateral = verdict.waiting_ranks
             record = record_of(verdict, time.time(), self.run_dir, action="restart")
             group_store(self.store, self.group).compare_set(FAULT_KEY, "", json.dumps(record))
-            say(verdict, record)
+            say_verdict(record)
             os._exit(HANG_EXIT_CODE)  # this process is the hung one: end it, and the agent restarts all
         if self.rank == 0:
             for slow in find_slow(beats, *self.slow):
@@ -128,7 +128,7 @@ class PeerJudge:
                     self.slow_reported.add(slow.rank)
                     record = record_of(slow, time.time(), self.run_dir, action="reported")
                     append_event(self.run_dir, record)
-                    say(slow, record)
+                    say_verdict(record)
 
 
 def onset_of(verdict: Verdict, run_dir: Path) -> float | None:
@@ -149,13 +149,6 @@ def record_of(verdict: Verdict, detected: float, run_dir: Path, action: str, **e
 def append_event(run_dir: Path, record: dict) -> None:
     with (run_dir / "events.jsonl").open("a") as f:
         f.write(json.dumps(record) + "\n")
-
-
-def say(verdict: Verdict, record: dict) -> None:
-    latency = record.get("detection_latency_s")
-    print(f"plait: fault detected: {verdict.kind} of rank {verdict.rank} (host {verdict.host}) at step "
-          f"{verdict.step}: {verdict.detail}" + (f"; detected {latency:.2f} s after it began" if latency else ""),
-          file=sys.stderr, flush=True)
 
 
 def say_verdict(record: dict) -> None:

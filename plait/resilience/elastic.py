@@ -61,6 +61,11 @@ REGISTERED_ID_KEY = "plait/elastic/registered/{n}"  # the id of the n-th (1-base
 SPAWNED_KEY = "plait/elastic/spawned"  # counter of replacements the launcher has started
 
 
+def replica_size(cfg: Config) -> int:
+    """Ranks per data-parallel replica (tp x cp x pp): the unit that leaves and joins."""
+    return cfg.parallel.tp * cfg.parallel.cp * cfg.parallel.pp
+
+
 class Regroup(Exception):
     """Raised at a step boundary when the members agreed to re-form for `epoch` (grow)."""
 
@@ -103,7 +108,7 @@ class ElasticSession(TrainingHooks):
         self.replica: tuple[int, dict] | None = None  # (step, state files) in host memory
         self.seen_joiners = 0  # rank 0: registrations already acted on
         # Joiners are let in a whole data-parallel replica at a time.
-        self.replica_size = cfg.parallel.tp * cfg.parallel.cp * cfg.parallel.pp
+        self.replica_size = replica_size(cfg)
         self.members: list[int] = []
 
     # --- membership -------------------------------------------------------------------------

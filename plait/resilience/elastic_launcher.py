@@ -42,6 +42,7 @@ from plait.resilience.elastic import (
     MEMBERS_KEY,
     NPROC_ENV,
     SPAWNED_KEY,
+    replica_size,
 )
 from plait.resilience.inject import fired_faults
 from plait.resilience.launcher import ResilienceGuard
@@ -50,11 +51,6 @@ from plait.resilience.processes import JobFiles, base_env, spawn_worker, stop_pr
 from plait.resilience.usage_errors import noted_status
 
 POLL_S = 0.05
-
-
-def replica_size(cfg: Any) -> int:
-    """Ranks per data-parallel replica: the unit that shrinks and grows."""
-    return cfg.parallel.tp * cfg.parallel.cp * cfg.parallel.pp
 
 
 def layout_fallback(cfg: Any, nproc: int) -> str | None:

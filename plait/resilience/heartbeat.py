@@ -5,8 +5,8 @@ ends, "step", or a phase the loop announced as possibly long: "eval", "checkpoin
 "snapshot", "finish"), how many steps it has completed since it started, how far it has got
 in each group's sequence of collectives (entered and completed), the collective it is
 waiting in and for how long, and, per recent step, how long it waited in collectives in
-total. The monitor (monitor.py, in the launcher) compares the ranks' heartbeats to name a crashed, hung or slow rank. Publishing
-from a thread keeps it going while the main thread is stuck (a hang) and off the step's
+total. The monitor (monitor.py, in the launcher) compares the ranks' heartbeats to name a
+crashed, hung or slow rank. Publishing from a thread keeps it going while the main thread is stuck (a hang) and off the step's
 critical path; what the main thread adds per collective is one observer call.
 """
 

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from plait.comm import CHECKPOINT, Comm, Group
+from plait.data.tokenfile import atomic_write
 from plait.parallel.pieces import Piece
 from plait.train import checkpoint as ckpt
 from plait.train.sharded import merged_entries, temp_folder, write_pieces
@@ -58,7 +59,7 @@ def write_node_snapshot(root: Path, step: int, pieces: list[Piece], small_files:
         path = folder / ckpt.step_dir_name(step)
         if leader:
             if world.rank != 0:
-                _write_atomic(tmp / ".metadata", metadata)
+                atomic_write(tmp / ".metadata", lambda f: f.write(metadata))
             path = ckpt.commit_sharded(folder, step, merged_entries(per_rank), small_files)
     finally:
         if leader and tmp.exists():
@@ -82,7 +83,7 @@ def _copy_to_buddy(tmp: Path, per_rank: list[dict[str, dict[str, Any]]], comm: C
     offset = 0
     for name in theirs:
         length = per_rank[source][name]["bytes"]
-        _write_atomic(tmp / name, incoming[offset:offset + length].numpy().tobytes())
+        atomic_write(tmp / name, lambda f: f.write(incoming[offset:offset + length].numpy().tobytes()))
         offset += length
 
 
@@ -91,15 +92,6 @@ def _file_bytes(path: Path) -> torch.Tensor:
     if not data:  # a rank whose pieces are all written by others leaves an empty file
         return torch.empty(0, dtype=torch.uint8)
     return torch.frombuffer(bytearray(data), dtype=torch.uint8)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    partial = path.with_name(path.name + ".partial")
-    with partial.open("wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(partial, path)
 
 
 def _listing(folder: Path) -> dict[int, dict[str, Any]]:
@@ -150,7 +142,7 @@ def complete_node_snapshots(root: Path, comm: Comm, world: Group, local_rank: in
             size = files[name]["bytes"] if name in files else listings[source][step]["manifest_bytes"]
             buffer = torch.empty(size, dtype=torch.uint8)
             comm.recv_async(buffer, source, world, tag=CHECKPOINT).wait()
-            _write_atomic((staging if receiving else target) / name, buffer.numpy().tobytes())
+            atomic_write((staging if receiving else target) / name, lambda f: f.write(buffer.numpy().tobytes()))
     if receiving:
         os.replace(staging, target)
     comm.barrier(world)
