@@ -19,10 +19,12 @@ one thread per rank), so this measures what a user gets:
   times to the plain blocks', target <= 1.03;
 - no alarm: healthy `--steps`-step runs in restart mode, with the launcher's monitor;
 - two nodes (`--two-nodes`, on by default; `--only-two-nodes` alone): two simulated nodes of
-  2 processes, each its own torchrun agent (c10d rendezvous on 127.0.0.1): rank 3 crashes, and
-  in a second run node-b's agent and workers are killed; per case the fault's kind, culprit,
-  host and collateral, detection latency, time to recover, steps redone, world size before and
-  after, and the largest loss difference to a fault-free 4-process run.
+  2 processes, each its own torchrun agent (plait-c10d rendezvous on 127.0.0.1): rank 3
+  crashes; in a second run node-b's agent and workers are killed; in a third, node-b is killed
+  and then started again, and the job grows back. Per case the fault's kind, culprit, host and
+  collateral, detection latency, time to recover, steps redone, world size before and after
+  (and for the return, the time from the group's stop to training at world 4 and the steps
+  redone), and the largest loss difference to a fault-free 4-process run.
 
 Prints one JSON object.
 
@@ -172,8 +174,9 @@ TWO_NODE_STEPS = 80
 
 def two_node_run(root: Path, plan: str) -> dict:
     """Two simulated nodes x 2 processes (torchrun agents with a c10d rendezvous on 127.0.0.1,
-    plait/resilience/rehearsal.py): `crash` (rank 3 crashes at step 20) or `node_lost` (node-b's
-    agent and workers killed at step 20)."""
+    plait/resilience/rehearsal.py): `crash` (rank 3 crashes at step 20), `node_lost` (node-b's
+    agent and workers killed at step 20) or `node_returns` (killed at step 20, started again
+    once the job trains on node-a alone)."""
     overrides = BASE + [f"train.steps={TWO_NODE_STEPS}", "model.n_layers=2", "train.global_batch=8",
                         "train.micro_batch=2", "resilience.snapshot_every=2", "resilience.heartbeat_s=0.1",
                         "parallel.timeout_s=20"]
@@ -184,12 +187,27 @@ def two_node_run(root: Path, plan: str) -> dict:
     nodes = SimulatedNodes(root, ["node-a", "node-b"], nproc_per_node=2, plait_args=args)
     nodes.start_all()
     metrics = root / "run" / "metrics.jsonl"
-    if plan == "node_lost":
-        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 20):
+
+    def rows() -> int:
+        return len(metrics.read_text().splitlines()) if metrics.exists() else 0
+
+    def world_sizes() -> list[int]:
+        return [e["world_size"] for e in read(root / "run" / "events.jsonl") if e["event"] == "start"]
+
+    if plan in ("node_lost", "node_returns"):
+        while rows() < 20:
             time.sleep(0.2)
         nodes.kill("node-b")
+    if plan == "node_returns":
+        while world_sizes()[-1:] != [2]:
+            time.sleep(0.2)
+        shrunk_at = rows()
+        while rows() < shrunk_at + 3:
+            time.sleep(0.2)
+        nodes.start("node-b")
     codes = nodes.wait()
     events = read(root / "run" / "events.jsonl")
+    (grown,) = [e for e in events if e["event"] == "grown"] or [{}]
     (detected,) = [e for e in events if e["event"] == "fault_detected" and e["kind"] != "slow"] or [{}]
     (recovered,) = [e for e in events if e["event"] == "recovered"] or [{}]
     steps = [r["step"] for r in read(metrics)]
@@ -199,11 +217,15 @@ def two_node_run(root: Path, plan: str) -> dict:
             "recovery_time_s": recovered.get("recovery_time_s"), "steps_redone": recovered.get("steps_redone"),
             "resumed_from": recovered.get("source"), "world_before": recovered.get("world_size_before"),
             "world_after": recovered.get("world_size_after"), "steps_completed": len(set(steps)),
+            **({"grown": {k: grown.get(k) for k in ("world_size_before", "world_size_after", "hosts_joined",
+                                                   "resumed_step", "steps_redone", "transfer_time_s", "source")},
+                "world_sizes": world_sizes()} if plan == "node_returns" else {}),
             "losses": [r["loss"] for r in read(metrics)]}
 
 
 def measure_two_nodes() -> dict:
-    """The crash and node-loss rehearsals, each against a fault-free 4-process run of the same dp."""
+    """The crash, node-loss and node-return rehearsals, each against a fault-free 4-process run of
+    the same dp."""
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         overrides = [f"train.steps={TWO_NODE_STEPS}", "model.n_layers=2", "train.global_batch=8",
@@ -211,7 +233,7 @@ def measure_two_nodes() -> dict:
         train(root / "reference", 4, overrides)
         reference = [r["loss"] for r in read(root / "reference" / "metrics.jsonl")]
         rows = {}
-        for plan in ("crash", "node_lost"):
+        for plan in ("crash", "node_lost", "node_returns"):
             (root / plan).mkdir()
             row = two_node_run(root / plan, plan)
             losses = row.pop("losses")

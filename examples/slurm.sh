@@ -22,11 +22,14 @@ if [[ -n "${CLUSTER_IFNAME:-}" ]]; then
   export GLOO_SOCKET_IFNAME="$CLUSTER_IFNAME" NCCL_SOCKET_IFNAME="$CLUSTER_IFNAME"
 fi
 
+# plait-c10d is torch's c10d rendezvous with a repair that lets a lost node rejoin (installed
+# with plait; docs/resilience.md). MIN_NODES below SLURM_NNODES lets the job go on without a
+# lost node and grow back when it returns; MAX_RESTARTS bounds the restarts after faults.
 srun torchrun \
-  --nnodes="$SLURM_NNODES" \
+  --nnodes="${MIN_NODES:-$SLURM_NNODES}:$SLURM_NNODES" \
   --nproc-per-node="$GPUS_PER_NODE" \
   --rdzv-id="$SLURM_JOB_ID" \
-  --rdzv-backend=c10d \
+  --rdzv-backend=plait-c10d \
   --rdzv-endpoint="$HEAD_NODE:29500" \
-  --max-restarts=0 \
+  --max-restarts="${MAX_RESTARTS:-3}" \
   -m plait train "$@" --run-dir "$RUN_DIR"

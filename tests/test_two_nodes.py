@@ -5,7 +5,9 @@ c10d rendezvous, its own host label and its own shared memory (plait/resilience/
   snapshot, and every step's loss equals the fault-free run's;
 - a node is lost (its agent and workers killed): `node_lost` with its host and ranks, the job
   finishes on the other node (world 4 -> 2, the global batch unchanged, from the snapshot the
-  lost node's buddy kept), no step lost, every loss equal to the fault-free run's.
+  lost node's buddy kept), no step lost, every loss equal to the fault-free run's;
+- the lost node comes back: the job grows back to 4 processes (`grown`, no fault reported for
+  the re-forming), every loss still equal to the fault-free run's.
 
 Minutes each (torch's rendezvous rounds), so they run with the soak tests: `pytest -m soak`.
 """
@@ -81,10 +83,14 @@ def test_a_crashed_rank_is_named_with_its_node_and_recovered_from_memory(tmp_pat
     check_losses(tmp_path, reference, 1e-6)
 
 
+def rows(tmp_path) -> int:
+    path = tmp_path / "run" / "metrics.jsonl"
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
 def test_a_lost_node_is_named_and_the_job_finishes_on_the_other(tmp_path, reference):
     nodes = two_nodes(tmp_path, PACE)
-    run = tmp_path / "run"
-    wait_for(lambda: (run / "metrics.jsonl").exists() and len((run / "metrics.jsonl").read_text().splitlines()) >= 20)
+    wait_for(lambda: rows(tmp_path) >= 20)
     nodes.kill("node-b")
     codes = nodes.wait()
     assert codes["node-a"] == 0, (tmp_path / "node-a.log").read_text()[-3000:]
@@ -98,3 +104,22 @@ def test_a_lost_node_is_named_and_the_job_finishes_on_the_other(tmp_path, refere
     assert [s["world_size"] for s in starts][-1] == 2
     check_losses(tmp_path, reference, 1e-5)
     json.dumps(recovered)  # (the record the benchmark quotes)
+
+
+def test_a_lost_node_that_returns_grows_the_job_back(tmp_path, reference):
+    nodes = two_nodes(tmp_path, PACE)
+    wait_for(lambda: rows(tmp_path) >= 20)
+    nodes.kill("node-b")
+    wait_for(lambda: [s["world_size"] for s in events(tmp_path, "start")][-1:] == [2])
+    shrunk_at = rows(tmp_path)
+    wait_for(lambda: rows(tmp_path) >= shrunk_at + 3)  # training goes on at world 2
+    nodes.start("node-b")
+    codes = nodes.wait()
+    assert codes == {"node-a": 0, "node-b": 0}, (tmp_path / "node-a.log").read_text()[-3000:]
+    (detected,) = events(tmp_path, "fault_detected")  # the loss only: re-forming is no fault
+    assert (detected["kind"], detected["host"]) == ("node_lost", "node-b")
+    (grown,) = events(tmp_path, "grown")
+    assert (grown["world_size_before"], grown["world_size_after"]) == (2, 4)
+    assert (grown["hosts_joined"], grown["joiners"], grown["source"]) == (["node-b"], [2, 3], "memory")
+    assert [s["world_size"] for s in events(tmp_path, "start")] == [4, 2, 4]
+    check_losses(tmp_path, reference, 1e-5)

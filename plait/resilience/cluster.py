@@ -16,7 +16,9 @@ lost, more when one comes back. What it cannot do is say which rank failed and w
 - crashes and lost nodes are judged after the fact, by rank 0 of the next group, from the
   last heartbeats of the failed group: the culprit is the rank that never arrived where the
   others failed waiting (monitor.find_crash); when every rank of one host died without a
-  word, the host is reported as `node_lost` with its ranks.
+  word, the host is reported as `node_lost` with its ranks;
+- a group the agents stopped because a node joined (every rank says "stopped", from its
+  SIGTERM handler, and every host stayed) is no fault: the next group reports `grown`.
 
 The store lives in the agent of the rendezvous host: losing that node ends the job (torch's
 limit too); losing any other node is survived.
@@ -160,6 +162,25 @@ def say_verdict(record: dict) -> None:
     print(f"plait: fault detected: {what} at step {record.get('step')}: {record.get('detail')}"
           + (f"; detected {latency:.2f} s after it began" if latency else "")
           + (f"; ranks {collateral} failed in its wake" if collateral else ""), file=sys.stderr, flush=True)
+
+
+def node_joined(store: Any, group: int, hosts_now: list[str]) -> dict | None:
+    """Whether worker group `group` ended because the agents re-formed the job for a node that
+    joined (torch restarts a healthy group for that), not because of a fault: every host stayed,
+    at least one is new, and every rank left through a signal or a clean exit, none abruptly.
+    Returns the change: the hosts that joined, the new group's ranks on them, the world before."""
+    found = read_group(store, group)
+    if found is None:
+        return None
+    world, beats = found
+    joined = [h for h in dict.fromkeys(hosts_now) if h not in world["hosts"]]
+    stayed = all(h in hosts_now for h in world["hosts"])
+    if not joined or not stayed or len(beats) < world["world_size"]:
+        return None
+    if any(abrupt(b) for b in beats.values()) or not any(b.get("state") == "stopped" for b in beats.values()):
+        return None
+    return {"hosts_joined": joined, "joiners": [r for r, h in enumerate(hosts_now) if h in joined],
+            "world_size_before": world["world_size"], "stopped_at": max(b["time"] for b in beats.values())}
 
 
 def post_mortem(store: Any, group: int, run_dir: Path, hosts_now: list[str]) -> dict | None:

@@ -115,12 +115,19 @@ class Watchdog:
                 "entered": entered, "completed": completed,
                 "inflight": inflight, "steps": steps, "last": list(self.last)}
 
-    def publish(self, state: str = "running") -> None:
-        with self._publish_lock:
+    def publish(self, state: str = "running", wait_s: float = -1) -> None:
+        """Publish a heartbeat; a final `state` ("done", "failed", "stopped") is the last one.
+        `wait_s` bounds the wait for the lock (a signal handler must not wait on the thread
+        it interrupted); -1 waits as long as it takes."""
+        if not self._publish_lock.acquire(timeout=wait_s):
+            return
+        try:
             if self._final:
                 return
             self._final = state != "running"
             self.store.set(KEY.format(rank=self.rank), json.dumps(self.heartbeat(state)))
+        finally:
+            self._publish_lock.release()
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
@@ -131,8 +138,17 @@ class Watchdog:
             except Exception:  # noqa: BLE001 - the store went away (the job is ending): stop quietly
                 return
 
+    def stop_at_once(self, state: str) -> None:
+        """From a signal handler: stop beating and publish `state` without waiting on the thread."""
+        self._stop.set()
+        try:
+            self.publish(state, wait_s=1.0)
+        except Exception:  # noqa: BLE001 - the store went away: the process ends all the same
+            pass
+
     def stop(self, state: str) -> None:
-        """Stop beating; `state` ("done" or "failed") tells the monitor this exit is not a crash."""
+        """Stop beating; `state` ("done", "failed", or "stopped" by a signal) tells the monitor
+        this exit is not a crash."""
         self._stop.set()
         self._thread.join(timeout=2 * self.interval_s + 1)
         try:

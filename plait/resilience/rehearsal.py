@@ -3,7 +3,8 @@
 Every simulated node gets its own host label (PLAIT_HOST) and its own shared-memory root
 (PLAIT_SHM_ROOT), so plait treats it as a machine of its own: heartbeats and fault reports
 name it, its in-memory snapshots live only there and are lost with it. The agents meet through
-torch's c10d rendezvous on a free loopback port; the first node hosts the rendezvous store.
+torch's c10d rendezvous on a free loopback port (as plait-c10d, which lets a lost node
+rejoin: plait/resilience/rendezvous.py); the first node hosts the rendezvous store.
 
     nodes = SimulatedNodes(root, ["node-a", "node-b"], nproc_per_node=2, plait_args=[...])
     nodes.start_all()
@@ -26,6 +27,7 @@ import time
 from pathlib import Path
 
 from plait.resilience.processes import HOST_ENV, SHM_ROOT_ENV
+from plait.resilience.rendezvous import BACKEND_NAME
 
 # Fast rendezvous for a rehearsal on one machine: a lost agent is declared dead after 3 s
 # without keep-alives, and a round closes 2 s after the minimum number of nodes joined.
@@ -41,9 +43,9 @@ def free_port() -> int:
 
 class SimulatedNodes:
     def __init__(self, root: Path, names: list[str], nproc_per_node: int, plait_args: list[str],
-                 max_restarts: int = 5, run_id: str = "rehearsal"):
+                 max_restarts: int = 5, run_id: str = "rehearsal", backend: str = BACKEND_NAME):
         self.root, self.names, self.nproc, self.args = Path(root), names, nproc_per_node, plait_args
-        self.max_restarts, self.run_id = max_restarts, run_id
+        self.max_restarts, self.run_id, self.backend = max_restarts, run_id, backend
         self.port = free_port()
         self.agents: dict[str, subprocess.Popen] = {}
         self.token = secrets.token_hex(8)  # marks this rehearsal's processes, and only them
@@ -59,7 +61,7 @@ class SimulatedNodes:
         """Start node `name`'s agent (torchrun), which starts its workers."""
         host = name == self.names[0]
         args = [sys.executable, "-m", "torch.distributed.run", "--nnodes", f"1:{len(self.names)}",
-                "--nproc-per-node", str(self.nproc), "--rdzv-backend", "c10d",
+                "--nproc-per-node", str(self.nproc), "--rdzv-backend", self.backend,
                 "--rdzv-endpoint", f"127.0.0.1:{self.port}", "--rdzv-id", self.run_id,
                 "--max-restarts", str(self.max_restarts), "--monitor-interval", "0.2",
                 "--rdzv-conf", f"is_host={str(host).lower()},{RENDEZVOUS}", "-m", "plait", *self.args]

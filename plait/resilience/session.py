@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from plait.resilience.cluster import (
     cluster_store,
     group_store,
     join_group,
+    node_joined,
     post_mortem,
     say_verdict,
     under_torchrun,
@@ -103,6 +105,16 @@ class Resilience(TrainingHooks):
         self.store = group_store(self.cluster, self.group)
         self.watchdog = Watchdog(self.store, trainer.comm, rt.rank, rt.world_size, r.heartbeat_s, r.slow_window,
                                  judge=judge)
+        signal.signal(signal.SIGTERM, self.stopped_by_agent)
+
+    def stopped_by_agent(self, signum: int, frame: Any) -> None:
+        """SIGTERM under torchrun: the agent is stopping this worker group, for a membership
+        change (a node joined) or because a peer failed. The last heartbeat says so ("stopped",
+        not a crash) before the process ends by the signal, as it would have without this."""
+        if self.watchdog is not None:
+            self.watchdog.stop_at_once("stopped")
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
 
     # --- the loop ---------------------------------------------------------------------------
     def begin_step(self, step: int) -> None:
@@ -196,6 +208,15 @@ class Resilience(TrainingHooks):
             steps_redone = log.truncate_metrics(0)
         fault: dict[str, Any] = {}
         key = FAULT_KEY.format(generation=gen - 1)
+        joined = node_joined(self.cluster, self.group - 1, self.hosts) if cluster else None
+        if joined is not None:  # no fault: the agents re-formed the job for a node that joined
+            log.event("grown", joiners=joined["joiners"], hosts_joined=joined["hosts_joined"], resumed_step=step,
+                      world_size_before=joined["world_size_before"], world_size_after=self.rt.world_size,
+                      transfer_time_s=round(time.time() - joined["stopped_at"], 3), steps_redone=steps_redone,
+                      source=source, worker_group=self.group)
+            trainer.say(f"plait: elastic: world grew {joined['world_size_before']} -> {self.rt.world_size} at "
+                        f"step {step} ({', '.join(joined['hosts_joined'])} joined; {steps_redone} steps redone)")
+            return
         if cluster:  # under torchrun: judged now, from the failed group's last heartbeats
             fault = post_mortem(self.cluster, self.group - 1, self.run_dir, self.hosts) or {}
             if fault:

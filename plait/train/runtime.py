@@ -12,12 +12,8 @@ addresses. `generation_store` scopes each generation's keys with a prefix of its
 
 from __future__ import annotations
 
-import base64
-import binascii
 import datetime
-import io
 import os
-import pickle
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,6 +53,12 @@ def pick_device(cfg: Config, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
+# Where torchrun's agents, through plait's rendezvous backend (`--rdzv-backend plait-c10d`,
+# resilience/rendezvous.py), name the worker group about to start: a number every agent agrees
+# on, whichever nodes joined or left.
+WORKER_GROUP_KEY = "plait-c10d/{run_id}/worker-group"
+
+
 def generation_store(timeout: datetime.timedelta) -> Any | None:
     """A store scoped to this worker generation, or None where env:// serves as it is."""
     env = os.environ
@@ -67,37 +69,24 @@ def generation_store(timeout: datetime.timedelta) -> Any | None:
     store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), int(env["WORLD_SIZE"]),
                           is_master=not use_agent_store and rank == 0, timeout=timeout,
                           wait_for_workers=False, multi_tenant=True)
-    # torchrun's agents share one store across rendezvous rounds, and their restart counts
-    # differ once a node has left or joined (a membership change is not a restart): the round
-    # names the worker group where it can be read, the restart count elsewhere (plait's launchers).
-    round_ = rendezvous_round(store, env.get("TORCHELASTIC_RUN_ID", "")) if "PLAIT_JOB_ID" not in env else None
-    name = f"round-{round_}" if round_ is not None else f"generation-{env['TORCHELASTIC_RESTART_COUNT']}"
+    # torchrun's agents share one store across worker groups, and their restart counts differ
+    # once a node has left or joined (a membership change is not a restart for the agents that
+    # stayed): the group number published by plait's rendezvous backend names the group where
+    # there is one; the restart count serves plait's launchers and torch's own c10d backend,
+    # whose agents only ever restart together.
+    group = worker_group(store, env.get("TORCHELASTIC_RUN_ID", "")) if use_agent_store else None
+    name = f"group-{group}" if group is not None else f"generation-{env['TORCHELASTIC_RESTART_COUNT']}"
     return dist.PrefixStore(f"plait/{name}", store)
 
 
-class _RendezvousStateReader(pickle.Unpickler):
-    """Reads torch's c10d rendezvous state (a pickle in the agents' store), building its own
-    classes only: whatever else is found there is refused, never run."""
-
-    ALLOWED = {("torch.distributed.elastic.rendezvous.dynamic_rendezvous", "_RendezvousState"),
-               ("torch.distributed.elastic.rendezvous.dynamic_rendezvous", "_NodeDesc"),
-               ("datetime", "datetime"), ("datetime", "timedelta"), ("datetime", "timezone")}
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) not in self.ALLOWED:
-            raise pickle.UnpicklingError(f"{module}.{name} is not part of a rendezvous state")
-        return super().find_class(module, name)
-
-
-def rendezvous_round(store: Any, run_id: str) -> int | None:
-    """The round of torch's c10d rendezvous that formed this worker group (None: no such state)."""
-    key = f"torch.rendezvous.{run_id}"
+def worker_group(store: Any, run_id: str) -> int | None:
+    """The number plait's rendezvous backend gave this worker group (None: not that backend)."""
+    key = WORKER_GROUP_KEY.format(run_id=run_id)
+    if not run_id or not store.check([key]):
+        return None
     try:
-        if not run_id or not store.check([key]):
-            return None
-        state = _RendezvousStateReader(io.BytesIO(base64.b64decode(store.get(key)))).load()
-        return int(state.round)
-    except (pickle.UnpicklingError, ValueError, TypeError, AttributeError, EOFError, binascii.Error):
+        return int(store.get(key).decode())
+    except ValueError:
         return None
 
 
