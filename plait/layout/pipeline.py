@@ -63,12 +63,7 @@ def split_problem(counts: list[int] | tuple[int, ...], n_layers: int, stages: in
 
 
 # With pp = 1 there is no pipeline: its schedule and split settings are not used, so not checked.
-
-def zero3(job: Job) -> str | None:
-    if job.layout.pp > 1 and job.layout.zero == 3:
-        return "parallel.zero=3 with parallel.pp > 1 is not yet supported (zero 0-2 are)"
-    return None
-
+# Every ZeRO stage runs under every schedule (ZeRO-3 gathers per pass: parallel/zero3.py).
 
 def schedule(job: Job) -> str | None:
     p = job.layout

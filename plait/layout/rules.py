@@ -18,7 +18,7 @@ RULES: tuple[Rule, ...] = (
     context.sequence,
     tensor.split,
     compute.compile_layouts, world.zero_stage, compute.compile_zero3, compute.chunked_loss,
-    pipeline.zero3, pipeline.schedule, pipeline.layer_split,
+    pipeline.schedule, pipeline.layer_split,
     lowcomm.galore, lowcomm.local_sync, lowcomm.compression,
     expert.folding, expert.not_yet_combined,
 )

@@ -64,6 +64,7 @@ class ParallelModel:
     expert_groups: ExpertGroups | None = None  # MoE models: the folded ep / edp / token groups
     second_copies: frozenset[str] = frozenset()  # parameters another stage holds too (the tied embedding)
     local_sync: bool = False  # local SGD: dp workers hold their own weights between outer syncs
+    gatherer: Zero3Gatherer | None = None  # ZeRO-3: which blocks' full parameters are resident
 
     def local_batch(self, inputs: torch.Tensor, targets: torch.Tensor
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -203,12 +204,14 @@ def parallelize(model: nn.Module, cfg: Config, mesh: Mesh, comm: Comm, device: t
         units=transformer_units(model) if p.zero == 3 else None, tp_group=mesh.tp,
         pp_group=mesh.groups["pp"], norm_exclude=norm_exclude,
     )
-    if p.zero == 3:
-        Zero3Gatherer(engine, model)
+    # ZeRO-3 under a pipeline too: the units are the stage's own blocks (and its root, if any),
+    # gathered per pass; the pipeline's deferred reduction reduce-scatters them once a step.
+    gatherer = Zero3Gatherer(engine, model) if p.zero == 3 else None
     if runner is not None:
         runner.dtype = engine.compute_dtype  # the engine may have cast parameters to bf16
     return ParallelModel(model, engine, tp_shards, mesh, comm, cfg.model.vocab_size, runner, tied_group,
-                         expert_groups, second_copies=norm_exclude, local_sync=is_local_sync(cfg))
+                         expert_groups, second_copies=norm_exclude, local_sync=is_local_sync(cfg),
+                         gatherer=gatherer)
 
 
 def _pipeline(model: nn.Module, cfg: Config, mesh: Mesh, comm: Comm) -> tuple[PipelineRunner, Group | None]:
