@@ -36,9 +36,20 @@ def test_layout_json_has_the_contract_fields(capsys):
     assert 0.2 < out["mfu"] < 0.8
 
 
-def test_left_out_keys_take_defaults_and_dp_fills_the_gpus(capsys):
-    out = run_json(capsys, ["--model", "llama3-8b", "--gpus", "64", "--layout", "tp=8"])
+def test_left_out_keys_take_defaults_with_exact_and_dp_fills_the_gpus(capsys):
+    out = run_json(capsys, ["--model", "llama3-8b", "--gpus", "64", "--layout", "tp=8", "--exact"])
     assert out["layout"]["dp"] == 8 and out["layout"]["zero"] == 0 and out["layout"]["pp"] == 1
+    assert out["searched"] == [] and out["runner_up"] is None
+
+
+def test_left_out_keys_are_searched_and_the_pins_kept(capsys):
+    out = run_json(capsys, ["--model", "llama3-8b", "--gpus", "64", "--layout", "tp=8"])
+    assert out["layout"]["tp"] == 8 and out["fits"] is True
+    tp, pp, dp, cp = (out["layout"][k] for k in ("tp", "pp", "dp", "cp"))
+    assert tp * pp * dp * cp == 64
+    assert "zero" in out["searched"] and "tp" not in out["searched"]
+    assert out["runner_up"]["layout"]["tp"] == 8
+    assert out["runner_up"]["step_time_s"] >= out["step_time_s"] and out["runner_up_lost"]
 
 
 def test_infeasible_layout_says_why(capsys):
@@ -75,6 +86,9 @@ def test_table_and_explain_print(capsys):
     assert cli.main(["--model", "llama3-8b", "--gpus", "16", "--explain", "tp=2,pp=2,micro_batch=1"]) == 0
     text = capsys.readouterr().out
     assert "step time" in text and "hardware_flops_per_token" in text
+    assert "runner-up" in text and "searched" in text and "activation_bytes_per_layer" in text
+    assert cli.main(["--model", "llama3-8b", "--gpus", "16", "--layout", "tp=2,pp=2", "--explain"]) == 0
+    assert "layers_in_flight" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("argv,field", [
@@ -85,6 +99,12 @@ def test_table_and_explain_print(capsys):
     (["--model", "llama3-8b", "--gpus", "8", "--layout", "tp=4,dp=4"], "--gpus"),
     (["--model", "llama3-8b", "--gpus", "8", "--bogus"], "bogus"),
     (["--model", "llama3-8b", "--gpus", "8", "--set", "model.n_heads=7"], "n_heads"),
+    (["--model", "llama3-8b", "--gpus", "8", "--layout", "micro_batch=0"], "micro_batch"),
+    (["--model", "llama3-8b", "--gpus", "8", "--layout", "schedule=fast"], "schedule"),
+    (["--model", "llama3-8b", "--gpus", "8", "--layout", "recompute=some"], "recompute"),
+    (["--model", "llama3-8b", "--gpus", "8", "--layout", "tp=2,tp=4"], "tp"),
+    (["--model", "llama3-8b", "--gpus", "8", "--layout", "pp=3"], "pp=3"),
+    (["--model", "llama3-8b", "--gpus", "8", "--layout", "tp=2", "--explain", "tp=2"], "--explain"),
 ])
 def test_bad_input_raises_config_error_naming_the_field(argv, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):

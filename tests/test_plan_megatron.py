@@ -1,6 +1,6 @@
 """Megatron-LM 2021 (Narayanan et al., "Efficient Large-Scale Language Model Training on GPU
-Clusters Using Megatron-LM", Table 1): predicted TFLOP/s per GPU within 15% of the published
-figure for all ten GPT models, A100 80 GB, seq 2048, vocab 51200, interleaved schedule, full
+Clusters Using Megatron-LM", Table 1): predicted TFLOP/s per GPU within 10% of the published
+figure for all ten GPT models (the issue asks 10%), A100 80 GB, seq 2048, vocab 51200, interleaved schedule, full
 recompute. The planner picks the micro-batch and the virtual stages; tp, pp, dp, the batch, the
 schedule and the recompute are the paper's."""
 
@@ -68,13 +68,13 @@ def test_hardware_flops_equal_the_papers_formula(row):
 
 
 @pytest.mark.parametrize("row", TABLE_1, ids=[r[0] for r in TABLE_1])
-def test_predicted_tflops_within_15_percent_of_table_1(row):
+def test_predicted_tflops_within_10_percent_of_table_1(row):
     name, _, hidden, layers, tp, pp, gpus, batch, published = row
     best = best_paper_layout(name, tp, pp, gpus, batch)
     # Recompute the executed TFLOP/s from the paper's own formula and our step time.
     tflops = paper_flops_per_iteration(batch, layers, hidden) / best.step_time_s / gpus / 1e12
     assert tflops == pytest.approx(best.tflops_per_gpu, rel=1e-9)
-    assert abs(tflops / published - 1) < 0.15, f"{name}: predicted {tflops:.1f}, published {published}"
+    assert abs(tflops / published - 1) < 0.10, f"{name}: predicted {tflops:.1f}, published {published}"
 
 
 def test_larger_models_run_closer_to_peak_as_published():

@@ -2,8 +2,14 @@
 
     plait plan --model llama3-70b --gpus 1024 --cluster h100-sxm --top 10
     plait plan --model megatron-1t --gpus 3072 --global-batch 3072 --layout "tp=8,pp=64,..." --json
-    plait plan --model tiny --gpus 2 --explain "dp=2,micro_batch=8"
+    plait plan --model llama3-405b --gpus 16384 --global-batch 2048 --layout tp=8,pp=16 --explain
+    plait plan --model tiny --gpus 2 --explain "dp=2,micro_batch=8" --exact
     plait plan --calibrate runs/a runs/b --cluster h100-sxm
+    plait plan --calibrate measured.json --cluster h200
+
+`--layout` pins the fields it names and searches the others (micro-batch, virtual stages,
+schedule, recompute, ZeRO stage, sequence parallel, and any degree left out); `--exact`
+evaluates it as written, defaults for the rest.
 """
 
 from __future__ import annotations
@@ -16,15 +22,14 @@ import sys
 from rich.console import Console
 from rich.table import Table
 
-from plait.config import apply_override, config_from_dict, load_config
 from plait.errors import ConfigError
 from plait.plan import models
-from plait.plan.calibrate import calibrate
+from plait.plan.calibrate import calibrate, calibrate_points
 from plait.plan.cluster import GB, check_capacity, load_cluster
 from plait.plan.estimate import Assumptions, Estimate, evaluate
-from plait.plan.layouts import parse_layout
+from plait.plan.layouts import Layout, check_pins, parse_layout, parse_pins
 from plait.plan.memory import PRECISIONS
-from plait.plan.search import rank_layouts
+from plait.plan.search import pinned_search, rank_layouts
 
 DEFAULT_TOKENS_PER_BATCH = 4 * 2**20  # plan presets without a batch: about 4M tokens per step
 
@@ -44,42 +49,31 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=10, help="how many layouts to list")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--set", action="append", default=[], metavar="model.KEY=VALUE", help="override a model field")
-    p.add_argument("--layout", help="evaluate exactly this layout, e.g. tp=8,pp=4,zero=1")
-    p.add_argument("--explain", metavar="LAYOUT", help="print one layout's breakdown and inputs")
+    p.add_argument("--layout", help="pin these fields (e.g. tp=8,pp=16,dp=128) and search the rest")
+    p.add_argument("--explain", metavar="LAYOUT", nargs="?", const="",
+                   help="print every memory and time term of the chosen layout (optionally pinning LAYOUT)")
+    p.add_argument("--exact", action="store_true",
+                   help="with --layout/--explain: evaluate the layout as written, defaults for fields left out")
     p.add_argument("--precision", choices=sorted(PRECISIONS), help="bytes per parameter for weights/grads/optimizer")
-    p.add_argument("--calibrate", nargs="+", metavar="RUN_DIR", help="fit parameters to plait runs")
+    p.add_argument("--calibrate", nargs="+", metavar="RUN_DIR_OR_JSON",
+                   help="fit efficiency to plait runs, or to a JSON file of measured (shape, tokens/s) points")
     return p
 
 
-def resolve_model(name: str | None, overrides: list[str]) -> tuple[models.ModelSpec, int | None, str]:
-    """The model spec, the config's global batch (None for plan presets) and a precision name."""
-    if name in models.PRESETS:
-        spec = models.PRESETS[name]
-        for item in overrides:
-            key, sep, value = item.partition("=")
-            if not sep or not key.startswith("model."):
-                raise ConfigError(f"--set '{item}' must look like model.field=value for plan preset '{name}'")
-            spec = models.override(spec, key.strip(), value.strip())
-        return spec, None, "bf16"
-    if name is None:
-        if not overrides:
-            raise ConfigError("--model is required (a plan preset, a plait preset or a TOML config)")
-        cfg = config_from_dict({"name": "custom"})
-        for item in overrides:
-            apply_override(cfg, item)
-    else:
-        try:
-            cfg = load_config(name, overrides)
-        except ConfigError as exc:
-            raise ConfigError(f"--model {name!r}: {exc} (plan presets: {', '.join(models.PRESETS)})") from None
-    precision = "fp32" if cfg.train.dtype == "fp32" else "bf16"
-    return models.from_plait_model(cfg.model, cfg.name), cfg.train.global_batch, precision
+resolve_model = models.resolve_model  # kept here too: it was first public in this module
 
 
 def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     cluster = load_cluster(args.cluster)
     if args.calibrate:
+        json_files = [a for a in args.calibrate if a.endswith(".json")]
+        if json_files:
+            if len(json_files) != 1 or len(args.calibrate) != 1:
+                raise ConfigError("--calibrate takes one JSON file of points, or run directories, not both")
+            report = calibrate_points(json_files[0], cluster)
+            print(json.dumps(report, indent=2) if args.json else _points_text(report))
+            return 0
         report = calibrate(args.calibrate, cluster)
         print(json.dumps(report, indent=2) if args.json else _calibration_text(report))
         return 0
@@ -97,15 +91,15 @@ def main(argv: list[str]) -> int:
         raise ConfigError(f"--global-batch={global_batch} must be at least 1")
     assumptions = Assumptions(precision=PRECISIONS[args.precision or precision])
 
-    if args.layout or args.explain:
-        layout = parse_layout(args.layout or args.explain, args.gpus)
-        if layout.world_size != args.gpus:
-            raise ConfigError(f"--layout tp x pp x dp x cp = {layout.world_size} but --gpus is {args.gpus}")
-        estimate = evaluate(spec, cluster, layout, global_batch, assumptions)
+    if args.layout is not None or args.explain is not None:
+        if args.layout and args.explain:
+            raise ConfigError("give the layout once: --layout LAYOUT --explain, or --explain LAYOUT")
+        text = args.layout or args.explain or ""
+        result = _pinned(spec, cluster, args.gpus, global_batch, text, args.exact, assumptions)
         if args.json:
-            print(json.dumps(estimate.to_json(), indent=2))
+            print(json.dumps(result, indent=2))
         else:
-            print(_explain_text(spec, cluster.name, global_batch, estimate))
+            print(_pinned_text(spec, cluster.name, global_batch, result))
         return 0
 
     top, considered, fitting = rank_layouts(spec, cluster, args.gpus, global_batch, args.top, assumptions)
@@ -114,6 +108,50 @@ def main(argv: list[str]) -> int:
         return 0
     _print_table(spec, cluster.name, args.gpus, global_batch, top, considered, fitting)
     return 0
+
+
+def _pinned(spec: models.ModelSpec, cluster, gpus: int, global_batch: int, text: str, exact: bool,
+            assumptions: Assumptions) -> dict:
+    """The JSON of the chosen layout (an Estimate's fields) plus the search's account: the
+    runner-up and why it lost, which fields were searched, how many layouts fit."""
+    pins = parse_pins(text)
+    check_pins(pins, gpus)
+    exact_layout = parse_layout(text, gpus)
+    if exact:
+        out = evaluate(spec, cluster, exact_layout, global_batch, assumptions).to_json()
+        return {**out, "runner_up": None, "runner_up_lost": None, "searched": [],
+                "layouts_considered": 1, "layouts_fitting": int(out["fits"])}
+    result = pinned_search(spec, cluster, gpus, global_batch, pins, assumptions)
+    chosen = result.best or result.closest
+    if chosen is None:  # no layout keeps the pins and passes the rules: say which rule, as written
+        chosen = evaluate(spec, cluster, exact_layout, global_batch, assumptions)
+    return {**chosen.to_json(),
+            "runner_up": result.runner_up.to_json() if result.runner_up else None,
+            "runner_up_lost": result.runner_up_lost, "searched": result.searched,
+            "layouts_considered": result.considered, "layouts_fitting": result.fitting}
+
+
+def _pinned_text(spec: models.ModelSpec, cluster: str, batch: int, result: dict) -> str:
+    e = _estimate_from_json(result)
+    lines = [_explain_text(spec, cluster, batch, e)]
+    if result["searched"]:
+        lines.append(f"searched: {', '.join(result['searched'])} "
+                     f"({result['layouts_fitting']} of {result['layouts_considered']} layouts fit)")
+    if result["runner_up"]:
+        runner = result["runner_up"]
+        lines.append(f"runner-up: {Layout(**_layout_fields(runner['layout'])).short()}, "
+                     f"step {runner['step_time_s']:.4f} s; lost by {result['runner_up_lost']}")
+    return "\n".join(lines)
+
+
+def _layout_fields(d: dict) -> dict:
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+
+
+def _estimate_from_json(d: dict) -> Estimate:
+    return Estimate(Layout(**_layout_fields(d["layout"])), d["fits"], d["why"], d["step_time_s"],
+                    d["tokens_per_s_per_gpu"], d["tflops_per_gpu"], d["mfu"], d["memory_bytes"], d["time_s"],
+                    d["inputs"])
 
 
 def _print_table(spec: models.ModelSpec, cluster: str, gpus: int, batch: int, top: list[Estimate],
@@ -156,6 +194,18 @@ def _explain_text(spec: models.ModelSpec, cluster: str, batch: int, e: Estimate)
         lines.append(f"tokens/s/GPU {e.tokens_per_s_per_gpu:,.0f}   TFLOP/s/GPU (executed) {e.tflops_per_gpu:.1f}   MFU {mfu}")
         lines.append("inputs:")
         lines += [f"  {k:34s} {v:.6g}" if isinstance(v, float) else f"  {k:34s} {v}" for k, v in e.inputs.items()]
+    return "\n".join(lines)
+
+
+def _points_text(report: dict) -> str:
+    fitted = ", ".join(f"{k}={v:.4g}" for k, v in report["fitted"].items())
+    lines = [f"fitted against {report['cluster']}: {fitted}"]
+    for row in report["points"]:
+        lines.append(f"  {row['point']:24s} measured {row['measured_tokens_per_s']:12,.0f} tok/s  "
+                     f"predicted {row['predicted_before']:12,.0f} ({row['error_before']:+.1%}) -> "
+                     f"{row['predicted_after']:12,.0f} ({row['error_after']:+.1%})")
+    lines.append("add to your cluster TOML (with accelerator = \"<preset>\" for its other figures):")
+    lines.append(report["cluster_toml"].rstrip())
     return "\n".join(lines)
 
 

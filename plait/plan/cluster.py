@@ -40,6 +40,11 @@ class Cluster:
     # Memory the framework, CUDA context and allocator fragmentation take (not usable by the model).
     reserved_memory: float = 2 * GB
     node_groups: tuple[NodeGroup, ...] = field(default=())
+    # The accelerator preset this cluster is built from ("" for a cluster file without one):
+    # it selects the measured efficiencies of compute.DEVICE_EFFICIENCY.
+    accelerator: str = ""
+    # Overrides of compute.Efficiency fields, e.g. from `plait plan --calibrate` ((name, value), ...).
+    efficiency: tuple[tuple[str, float], ...] = ()
 
     def group_bandwidths(self) -> list[tuple[int, float]]:
         """(nodes, NIC bytes/s) from fastest to slowest; one entry for a homogeneous cluster."""
@@ -51,7 +56,8 @@ class Cluster:
 def _preset(name: str, accelerator: Accelerator) -> Cluster:
     return Cluster(name=name, gpus_per_node=8, device_memory=accelerator.memory_gb * GB,
                    peak_flops=accelerator.peak_flops, hbm_bw=accelerator.hbm_tbs * 1e12,
-                   intra_node_bw=accelerator.intra_node_gbs * GB, inter_node_bw=accelerator.nic_gbit / 8 * GB)
+                   intra_node_bw=accelerator.intra_node_gbs * GB, inter_node_bw=accelerator.nic_gbit / 8 * GB,
+                   accelerator=name)
 
 
 # Built from plait's one hardware table: every accelerator with a standard 8-device node.
@@ -65,6 +71,9 @@ _FIELDS = {
     "intra_node_gbs": float, "inter_node_gbit": float, "intra_node_latency_us": float,
     "inter_node_latency_us": float, "reserved_memory_gb": float,
 }
+# compute.Efficiency's fields a cluster file may set (kept here: compute imports this module)
+EFFICIENCY_KEYS = ("gemm_ceiling", "gemm_half_dim", "hbm_efficiency", "kernel_launch_s",
+                   "attention_efficiency", "attention_half_seq")
 _REQUIRED = ("gpus_per_node", "device_memory_gb", "peak_tflops", "intra_node_gbs", "inter_node_gbit")
 
 
@@ -86,6 +95,21 @@ def cluster_from_dict(raw: dict, name: str = "custom") -> Cluster:
     raw = dict(raw)
     groups_raw = raw.pop("node_groups", [])
     raw.pop("name", None)
+    # `accelerator` names a preset whose measured efficiencies apply; [efficiency] overrides them
+    # (what `plait plan --calibrate points.json` prints).
+    accelerator = raw.pop("accelerator", "")
+    if accelerator and accelerator not in ACCELERATORS:
+        raise ConfigError(f"cluster accelerator={accelerator!r} is not one of {', '.join(ACCELERATORS)}")
+    efficiency_raw = raw.pop("efficiency", {})
+    if not isinstance(efficiency_raw, dict):
+        raise ConfigError("cluster efficiency must be a table ([efficiency])")
+    efficiency = []
+    for key, value in efficiency_raw.items():
+        if key not in EFFICIENCY_KEYS:
+            raise ConfigError(f"unknown cluster efficiency.{key} (known: {', '.join(EFFICIENCY_KEYS)})")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            raise ConfigError(f"cluster efficiency.{key}={value!r} must be a positive number")
+        efficiency.append((key, float(value)))
     values: dict[str, float] = {}
     for key, value in raw.items():
         if key not in _FIELDS:
@@ -113,6 +137,7 @@ def cluster_from_dict(raw: dict, name: str = "custom") -> Cluster:
         intra_node_latency=values.get("intra_node_latency_us", 5.0) * 1e-6,
         inter_node_latency=values.get("inter_node_latency_us", 10.0) * 1e-6,
         reserved_memory=values.get("reserved_memory_gb", 2.0) * GB, node_groups=tuple(groups),
+        accelerator=accelerator, efficiency=tuple(efficiency),
     )
     return cluster
 

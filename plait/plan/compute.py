@@ -5,7 +5,11 @@ A matmul of (m x k) by (k x n) runs at peak x ceiling x f(m) f(n) f(k), f(d) = d
 small dimensions leave tiles partly empty, leave SMs idle in the last wave, and amortise each
 tile's prologue and epilogue over few k steps. `ceiling` is the best a large bf16 matmul
 reaches (about 0.78 of the datasheet on an H200 measured with PyTorch, REFERENCES.md), and
-`d_half` the size at which one dimension alone halves it. Norms, residual adds, activation
+`d_half` the size at which one dimension alone halves it. Fused (flash) attention is its own
+kernel with its own ceiling: FlashAttention-2 (PyTorch SDPA's flash backend) reaches about 0.30
+of an H100's peak on long sequences (head dim 128, causal; Dao 2023, Shah et al. 2024), less
+on short ones, `attention_efficiency x s / (s + s_half)`; its backward recomputes the scores,
+2.5 x the forward's FLOPs instead of 2 x. Norms, residual adds, activation
 functions, rotary embeddings, dropout and (without flash attention) the softmax over the
 s x s scores are limited by memory bandwidth: they move a counted number of bytes at
 `hbm_efficiency` x the datasheet HBM bandwidth. The backward pass costs twice the forward.
@@ -13,6 +17,7 @@ s x s scores are limited by memory bandwidth: they move a counted number of byte
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from plait.plan.cluster import Cluster
@@ -26,6 +31,31 @@ class Efficiency:
     hbm_efficiency: float = 0.80
     # Fixed cost of launching one kernel (CUDA launch + framework dispatch); it dominates tiny models.
     kernel_launch_s: float = 5e-6
+    # Fused attention: fraction of peak on its executed (causal-halved) FLOPs for long
+    # sequences, and the query length at which that halves.
+    attention_efficiency: float = 0.30
+    attention_half_seq: float = 500.0
+
+    def to_dict(self) -> dict[str, float]:
+        return dataclasses.asdict(self)
+
+
+# Measured per device: what a training step's matmuls reach, not one isolated large matmul.
+# H200 (and the H100 SXM, the same chip and clocks): fitted to plait's measured single-H200
+# steps (docs/plan.md: llama-1b at micro-batch 8 and 16, gpt2-124m at 32; torch.compile, SDPA,
+# fused AdamW); a lone 8192^3 bf16 matmul reaches 0.78-0.79 there, a whole step's matmuls
+# (k = 768..5632, back to back, under the board's power limit) about 0.71. Other devices keep
+# the A100 figure that reproduces Megatron-LM 2021's Table 1.
+DEVICE_EFFICIENCY: dict[str, Efficiency] = {
+    "h200": Efficiency(gemm_ceiling=0.71),
+    "h100-sxm": Efficiency(gemm_ceiling=0.71),
+}
+
+
+def efficiency_for(cluster: Cluster) -> Efficiency:
+    """The device's measured efficiencies, with the cluster file's own overrides on top."""
+    base = DEVICE_EFFICIENCY.get(cluster.accelerator, Efficiency())
+    return dataclasses.replace(base, **dict(cluster.efficiency)) if cluster.efficiency else base
 
 
 # Kernels in one layer's forward: 2 norms, 4 (GPT: 3) matmul launches, attention (1 fused or 3
@@ -92,17 +122,23 @@ def layer_times(model: ModelSpec, micro_batch: int, tp: int, cp: int, sp: bool, 
     down = gemm_time(per_expert_tokens, h, f / tp, peak, eff)
     mlp = (up + down) * routed_tokens / per_expert_tokens
     # Attention scores: per head, (s_q x d_head) by (d_head x s_kv) and back. Flash attention on a
-    # causal mask skips the blocks above the diagonal, so it does half the counted work.
+    # causal mask skips the blocks above the diagonal, so it does half the counted work, in one
+    # fused kernel at its own efficiency; unfused scores are two batched matmuls.
     heads = model.n_heads / tp * micro_batch
     s_q, s_kv, d_head = model.seq_len / cp, model.seq_len, model.head_dim
-    scores = heads * (gemm_time(s_q, s_kv, d_head, peak, eff) + gemm_time(s_q, d_head, s_kv, peak, eff))
     if model.flash_attention:
-        scores *= 0.5
+        flops = heads * 4 * s_q * s_kv * d_head * 0.5
+        scores = flops / (peak * eff.attention_efficiency * s_q / (s_q + eff.attention_half_seq))
+        scores_backward = 2.5 * scores  # the backward recomputes the scores (FlashAttention-2)
+    else:
+        scores = heads * (gemm_time(s_q, s_kv, d_head, peak, eff) + gemm_time(s_q, d_head, s_kv, peak, eff))
+        scores_backward = 2 * scores
     score_memory = _score_bytes(model, tokens, tp) / hbm
     elementwise = _elementwise_forward_bytes(model, tokens, tp, sp, element_bytes) / hbm
     launches = KERNELS_PER_LAYER_FORWARD * eff.kernel_launch_s
-    forward = qkv + out_proj + mlp + scores + score_memory + elementwise + launches
-    backward = 2 * forward
+    rest = qkv + out_proj + mlp + score_memory + elementwise + launches
+    forward = rest + scores
+    backward = 2 * rest + scores_backward
     extra = {"none": 0.0, "selective": scores + score_memory, "full": forward}[recompute]
     return LayerTimes(forward=forward, backward=backward, recompute=extra,
                       attention_forward=scores + score_memory)

@@ -20,8 +20,8 @@ from plait.plan import comm_model as comm
 from plait.plan import memory as mem
 from plait.plan.cluster import GB, Cluster
 from plait.plan.comm_model import NetworkEfficiency
-from plait.plan.compute import Efficiency, LayerTimes, head_time, layer_times, optimizer_step_time
-from plait.plan.layouts import Layout, check_layout, layers_per_stage
+from plait.plan.compute import Efficiency, LayerTimes, efficiency_for, head_time, layer_times, optimizer_step_time
+from plait.plan.layouts import Layout, check_layout, rank_chunk_layers
 from plait.plan.models import ModelSpec, from_plait_model
 
 BUBBLE_FACTOR = {"1f1b": 1.0, "gpipe": 1.0, "zb": 1 / 3}  # x (p - 1) stage times; interleaved: 1/v
@@ -31,7 +31,7 @@ BUBBLE_FACTOR = {"1f1b": 1.0, "gpipe": 1.0, "zb": 1 / 3}  # x (p - 1) stage time
 class Assumptions:
     """Everything that is not the model, the cluster or the layout."""
     precision: mem.Precision = mem.PRECISIONS["bf16"]
-    efficiency: Efficiency = Efficiency()
+    efficiency: Efficiency | None = None  # None: the device's measured ones (compute.efficiency_for)
     network: NetworkEfficiency = NetworkEfficiency()
 
 
@@ -62,37 +62,54 @@ _layer_times = functools.lru_cache(maxsize=4096)(layer_times)
 
 def memory_breakdown(model: ModelSpec, layout: Layout, micro_batches: int, cluster: Cluster,
                      precision: mem.Precision) -> dict[str, float]:
-    """Bytes on the fullest device: the first or the last pipeline stage."""
+    """Bytes on the fullest device, by kind (see fullest_rank)."""
+    return fullest_rank(model, layout, micro_batches, cluster, precision)[0]
+
+
+def fullest_rank(model: ModelSpec, layout: Layout, micro_batches: int, cluster: Cluster,
+                 precision: mem.Precision) -> tuple[dict[str, float], int]:
+    """Bytes on the fullest device and its pipeline rank. Ranks differ in layers, in micro-batches in flight (early
+    ranks hold the most) and in the embedding (first) and head and loss (last); the early
+    ranks and the last bound them all."""
     worst: dict[str, float] = {}
-    for stage in (("first",) if layout.pp == 1 else ("first", "last")):
-        params = mem.stage_params(model, layout, stage)
+    for rank in mem._ranks_to_check(layout.pp):
+        params = mem.rank_params(model, layout, rank)
         states = mem.model_state_bytes(params, layout.dp * layout.cp, layout.zero, precision)
-        activations = mem.stage_activation_bytes(model, layout, micro_batches, precision.activation_bytes, stage)
+        activations = mem.rank_activation_bytes(model, layout, micro_batches, precision.activation_bytes, rank)
         buffers = mem.zero3_gather_bytes(model, layout, precision) + cluster.reserved_memory
         breakdown = {**states, "activations": activations, "buffers": buffers}
         breakdown["total"] = sum(breakdown.values())
         if breakdown["total"] > worst.get("total", -1):
-            worst = breakdown
-    return worst
+            worst = {**breakdown, "rank": rank}
+    rank = int(worst.pop("rank"))
+    worst["total"] = worst.pop("total")
+    return worst, rank
 
 
 def evaluate(model: ModelSpec, cluster: Cluster, layout: Layout, global_batch: int,
-             assumptions: Assumptions = Assumptions(), need_time_if_unfit: bool = True) -> Estimate:
+             assumptions: Assumptions = Assumptions(), need_time_if_unfit: bool = True,
+             validated: bool = False) -> Estimate:
+    """One layout end to end; `validated`: the caller already ran check_layout (the search)."""
     n_gpus = layout.world_size
-    reason = check_layout(layout, model, n_gpus, global_batch)
+    reason = None if validated else check_layout(layout, model, n_gpus, global_batch)
     if reason:
         return Estimate(layout, fits=False, why=reason)
     # Per dp rank, the same on all (ceil rule, plait/layout/batch.py); with an uneven share the
     # fullest rank's micro-batches are costed at micro_batch rows each, an upper bound.
     micro_batches = batch.micro_batches(global_batch, layout.micro_batch, layout.dp)
     precision = assumptions.precision
-    memory = memory_breakdown(model, layout, micro_batches, cluster, precision)
+    memory, fullest = fullest_rank(model, layout, micro_batches, cluster, precision)
     fits = memory["total"] <= cluster.device_memory
     why = None if fits else (
         f"needs {memory['total'] / GB:.1f} GB per device, has {cluster.device_memory / GB:.0f} GB "
         f"(states {(memory['params'] + memory['grads'] + memory['optimizer']) / GB:.1f}, "
         f"activations {memory['activations'] / GB:.1f})")
     estimate = Estimate(layout, fits=fits, why=why, memory_bytes=memory)
+    terms = mem.activation_terms(model, layout, micro_batches, precision.activation_bytes, fullest)
+    estimate.inputs.update({
+        "fullest_pipeline_rank": fullest, "activation_bytes_per_layer": terms["per_layer"],
+        "layers_in_flight": terms["layers_in_flight"], "activation_bytes_embedding": terms["embedding"],
+        "activation_bytes_loss": terms["loss"]})
     if fits or need_time_if_unfit:
         _fill_times(estimate, model, cluster, layout, global_batch, micro_batches, assumptions)
     return estimate
@@ -100,12 +117,12 @@ def evaluate(model: ModelSpec, cluster: Cluster, layout: Layout, global_batch: i
 
 def _fill_times(est: Estimate, model: ModelSpec, cluster: Cluster, layout: Layout, global_batch: int,
                 micro_batches: int, assumptions: Assumptions) -> None:
-    eff, net, precision = assumptions.efficiency, assumptions.network, assumptions.precision
+    eff = assumptions.efficiency or efficiency_for(cluster)
+    net, precision = assumptions.network, assumptions.precision
     gpn, act = cluster.gpus_per_node, precision.activation_bytes
     tp, cp, pp, dp, m = layout.tp, layout.cp, layout.pp, layout.dp, micro_batches
     lt: LayerTimes = _layer_times(model, layout.micro_batch, tp, cp, layout.sequence_parallel,
                                   layout.recompute, cluster, eff, act)
-    layers = layers_per_stage(model, layout)
     tokens = layout.micro_batch * model.seq_len / cp  # per device per micro-batch
     hidden_bytes = tokens * model.dim * act
 
@@ -132,10 +149,15 @@ def _fill_times(est: Estimate, model: ModelSpec, cluster: Cluster, layout: Layou
         routed_bytes = hidden_bytes * model.experts_per_token / (tp if layout.sequence_parallel else 1)
         ep_per_layer = (4 + (2 if layout.recompute == "full" else 0)) * comm.all_to_all_time(routed_bytes, ep_span, cluster, net)
 
-    compute_mb = layers * lt.total
+    # The pipeline runs at the pace of its slowest rank: its layers, plus the LM head and the
+    # loss on the last one (plait's partition gives that rank fewer layers for it).
     head_mb = head_time(model, layout.micro_batch, tp, cp, cluster, eff)
-    last_extra = head_mb  # the last stage also runs the LM head and the loss
-    stage_compute = compute_mb + (last_extra if pp > 1 else head_mb)
+    rank_layers = [sum(chunks) for chunks in rank_chunk_layers(model, layout)]
+    per_layer = lt.total + tp_per_layer + cp_per_layer + ep_per_layer
+    rank_time = [n * per_layer + (head_mb if r == pp - 1 else 0.0) for r, n in enumerate(rank_layers)]
+    slowest = rank_time.index(max(rank_time))
+    layers = rank_layers[slowest]
+    stage_compute = layers * lt.total + (head_mb if slowest == pp - 1 else 0.0)
     comm_mb = {"tp": layers * tp_per_layer, "cp": layers * cp_per_layer, "ep": layers * ep_per_layer}
     t_stage = stage_compute + sum(comm_mb.values())
 
@@ -192,6 +214,7 @@ def _fill_times(est: Estimate, model: ModelSpec, cluster: Cluster, layout: Layou
     est.time_s = {"compute": m * stage_compute, "bubble": bubble, **{k: m * v for k, v in comm_mb.items()},
                   "pp": pp_exposed, "dp": dp_exposed, "optimizer": optimizer}
     est.inputs = {
+        **est.inputs,
         "micro_batches": m, "layers_per_stage": layers, "tokens_per_micro_batch_per_device": tokens,
         "layer_forward_s": lt.forward, "layer_backward_s": lt.backward, "layer_recompute_s": lt.recompute,
         "head_s": head_mb, "tp_per_layer_s": tp_per_layer, "pipeline_p2p_s": p2p_one,

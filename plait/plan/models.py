@@ -15,7 +15,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
-from plait.config import ModelConfig
+from plait.config import ModelConfig, apply_override, config_from_dict, load_config
 from plait.errors import ConfigError
 from plait.layout import ModelShape
 
@@ -41,6 +41,17 @@ class ModelSpec:
     # A fused norm (Megatron, Korthikanti et al.) saves only its input for backward; plait's
     # plain-PyTorch RMSNorm also keeps the normalised and the scaled output.
     fused_norm: bool = True
+    # A memory-efficient fused norm (Apex / Megatron `memory_efficient_layer_norm`, TE) saves its
+    # output, which the next matmul keeps as its input anyway, instead of its own input: each
+    # norm then costs no saved tensor of its own.
+    memory_efficient_norm: bool = False
+    # A fused SwiGLU (one kernel for silu(gate) * up, recomputing it for the down projection's
+    # weight gradient) keeps only gate and up; plait's plain PyTorch SwiGLU also keeps
+    # silu(gate) and the product: four ffn-sized tensors.
+    fused_swiglu: bool = False
+    # The loss walks the tokens in chunks (plait's chunked_ce, Liger-style fused linear
+    # cross-entropy): fp32 logits of one chunk exist at a time, never a micro-batch's.
+    chunked_loss: bool = False
     n_experts: int = 1  # >1: the MLP of MoE layers is a mixture of experts
     experts_per_token: int = 1
     # plait's MoE shape: every moe_every-th layer is MoE (the others have a dense ffn_dim MLP);
@@ -174,8 +185,10 @@ def _gpt(name: str, layers: int, dim: int, heads: int, *, megatron: bool) -> Mod
 
 
 def _llama3(name: str, layers: int, dim: int, heads: int, ffn: int) -> ModelSpec:
+    # As a production framework trains it (Megatron-Core / TE, Llama 3's own): fused
+    # memory-efficient RMSNorm, fused SwiGLU, flash attention, vocabulary-parallel loss.
     return ModelSpec(name=name, dim=dim, n_layers=layers, n_heads=heads, n_kv_heads=8, ffn_dim=ffn,
-                     vocab_size=128256, seq_len=8192)
+                     vocab_size=128256, seq_len=8192, memory_efficient_norm=True, fused_swiglu=True)
 
 
 # Narayanan et al. 2021, Table 1 (heads, hidden, layers).
@@ -247,3 +260,28 @@ def check_spec(spec: ModelSpec) -> None:
         raise ConfigError(f"model.mlp={spec.mlp!r} must be swiglu or gelu")
     if spec.norm not in ("rmsnorm", "layernorm"):
         raise ConfigError(f"model.norm={spec.norm!r} must be rmsnorm or layernorm")
+
+
+def resolve_model(name: str | None, overrides: list[str]) -> tuple[ModelSpec, int | None, str]:
+    """The model spec, the config's global batch (None for plan presets) and a precision name."""
+    if name in PRESETS:
+        spec = PRESETS[name]
+        for item in overrides:
+            key, sep, value = item.partition("=")
+            if not sep or not key.startswith("model."):
+                raise ConfigError(f"--set '{item}' must look like model.field=value for plan preset '{name}'")
+            spec = override(spec, key.strip(), value.strip())
+        return spec, None, "bf16"
+    if name is None:
+        if not overrides:
+            raise ConfigError("--model is required (a plan preset, a plait preset or a TOML config)")
+        cfg = config_from_dict({"name": "custom"})
+        for item in overrides:
+            apply_override(cfg, item)
+    else:
+        try:
+            cfg = load_config(name, overrides)
+        except ConfigError as exc:
+            raise ConfigError(f"--model {name!r}: {exc} (plan presets: {', '.join(PRESETS)})") from None
+    precision = "fp32" if cfg.train.dtype == "fp32" else "bf16"
+    return from_plait_model(cfg.model, cfg.name), cfg.train.global_batch, precision
