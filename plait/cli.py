@@ -75,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-shard-size", type=parse_size, default="5GB",
                    help="split a larger model into Hugging Face shards with an index (bytes, or e.g. 500MB, 2GB; "
                         "default 5GB)")
-    sub.add_parser("prepare", help="tokenise a corpus once into a .bin token file", add_help=False)
+    sub.add_parser("prepare", help="tokenise corpora once into a prepared folder (or one .bin token file)",
+                   add_help=False)
     sub.add_parser("plan", help="predict memory, step time and MFU of parallel layouts", add_help=False)
     sub.add_parser("btm", help="Branch-Train-Merge: branch, train, merge and evaluate domain experts",
                    add_help=False)

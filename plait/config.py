@@ -154,6 +154,9 @@ class DataConfig:
     val_fraction: float = 0.05
     cache_dir: str = ""  # "": $PLAIT_CACHE or ~/.cache/plait
     encoding: str = "utf-8"  # of a text file or folder corpus: any text codec Python knows, e.g. latin-1
+    # Several corpora mixed by weight, { "corpus" = weight, ... } (each as data.corpus names one, all
+    # with one tokenizer; weights are normalised); when not empty it replaces data.corpus.
+    mix: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -415,6 +418,13 @@ def _coerce(name: str, value: Any, annotation: Any) -> Any:
         if not isinstance(value, list):
             raise ConfigError(f"{name}={value!r} must be a list")
         return [_coerce(name, v, item_type) for v in value]
+    if origin is dict:
+        key_type, value_type = typing.get_args(annotation)
+        if isinstance(value, str):
+            value = _parse_literal(f"{{{value.strip('{}')}}}")
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name}={value!r} must be a table, e.g. {{ a = 0.7, b = 0.3 }}")
+        return {_coerce(name, k, key_type): _coerce(f"{name}.{k}", v, value_type) for k, v in value.items()}
     if origin in (typing.Union, types.UnionType):
         raise TypeError(f"config field {name} uses an unsupported union type")
     if annotation is bool:

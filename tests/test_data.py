@@ -132,25 +132,25 @@ def test_bpe_trains_deterministically_and_round_trips():
     assert len(a.encode("the quick brown fox")) < len("the quick brown fox")
 
 
-def test_bpe_cache_next_to_data_is_reused(tmp_path, monkeypatch, cache):
+def test_bpe_cache_is_reused_and_never_beside_the_data(tmp_path, monkeypatch, cache):
     corpus = tmp_path / "c.txt"
     corpus.write_text(_text())
     cfg = DataConfig(corpus=str(corpus), tokenizer="bpe")
     data = load_data(cfg, vocab_size=300, seq_len=16)
     assert (data.tokenizer.name, data.tokenizer.vocab_size) == ("bpe", 300)
     assert data.tokenizer.decode(np.concatenate([data.train, data.val]).tolist()) == corpus.read_text()
-    beside = tmp_path / "c.txt.plait-cache"
-    [tok_file] = beside.glob("*.tokenizer.json")
+    # Caches go to the cache folder only: nothing is written beside a user's file.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.txt", "cache"]
+    [tok_file] = cache.glob("*.tokenizer.json")
     mtime = tok_file.stat().st_mtime_ns
-    assert not cache.exists()  # nothing in the global cache for a user's file
     # Force re-tokenising: the tokenizer must come from the cache, not a second training run.
-    for path in beside.glob("*.bin*"):
+    for path in cache.glob("*.bin*"):
         path.unlink()
     monkeypatch.setattr(dataset, "train_bpe", lambda *a: pytest.fail("BPE retrained"))
     again = load_data(cfg, vocab_size=300, seq_len=16)
     assert again.train.tolist() == data.train.tolist()
     assert tok_file.stat().st_mtime_ns == mtime
-    assert not list(beside.glob(".*.tmp"))
+    assert not list(cache.glob(".*.tmp"))
 
 
 def test_vocab_limits(tmp_path):
@@ -288,7 +288,7 @@ def test_shakespeare(cache):
     assert (len(data.train), len(data.val)) == (4_804_418, 252_864)
     assert data.description == "shakespeare: 5,057,282 bytes -> 4,804,418 train / 252,864 val tokens (byte)"
     assert data.tokenizer.decode(data.train[:25].tolist()) == "ALL'S WELL THAT ENDS WELL"
-    assert [p.suffix for p in sorted(cache.iterdir())] == [".bin", ".json"]
+    assert [p.suffix for p in sorted(cache.iterdir()) if p.suffix != ".lock"] == [".bin", ".json"]
     check_corpus(DataConfig())
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from distributed import run_on_ranks
-from scenarios import run_many
+from scenarios import run_many, train_cli
 
 # The reductions hold for any model and at every step: a smaller model and 12 steps suffice.
 SMALL = ["model.n_layers=2", "train.steps=12", "checkpoint.every=0"]
@@ -114,6 +114,21 @@ def test_per_worker_state_resumes_exactly(four, method):
     assert results[f"{method}_first"]["final_step"] == 7
     resumed = results[f"{method}_first"]["losses"] + results[f"{method}_resumed"]["losses"]
     assert max_gap(resumed, results[method]["losses"]) < 1e-6
+
+
+def test_each_rank_writes_and_reads_only_its_own_state(four):
+    """Per-worker state is one file per rank (no rank gathers the others'), with the layout
+    beside it: a resume on another layout is refused with one line, exit status 2."""
+    _, root = four
+    run_dir = root / "co2_first"
+    (newest,) = sorted((run_dir / "checkpoints").glob("step-*"))[-1:]
+    names = {p.name for p in newest.iterdir()}
+    assert {f"local_state-rank{r:05d}.pt" for r in range(4)} <= names and "local_state.json" in names
+    assert "local_state.pt" not in names
+    assert json.loads((newest / "local_state.json").read_text())["world_size"] == 4
+    result = train_cli(run_dir, SMALL + CO2 + ["train.steps=14"], nproc=1)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "resume it with the same layout" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_galore_state_resumes_exactly(one):

@@ -194,13 +194,14 @@ def test_another_encoding_is_another_cache(tmp_path):
     # Byte 0x80 is a C1 control in Latin-1 and the euro sign in cp1252: the two texts differ.
     corpus = tmp_path / "euro.txt"
     corpus.write_bytes(b"price: 5 \x80 per line\n" * 200)
-    latin = load_data(DataConfig(corpus=str(corpus), encoding="latin-1"), 256, 16)
-    cp1252 = load_data(DataConfig(corpus=str(corpus), encoding="cp1252"), 256, 16)
+    cache = tmp_path / "cache"
+    latin = load_data(DataConfig(corpus=str(corpus), encoding="latin-1", cache_dir=str(cache)), 256, 16)
+    cp1252 = load_data(DataConfig(corpus=str(corpus), encoding="cp1252", cache_dir=str(cache)), 256, 16)
     assert "€" in ByteTokenizer().decode(cp1252.train[:40].tolist())
     assert "€" not in ByteTokenizer().decode(latin.train[:40].tolist())
     # The default must still refuse the file: no cache made under another encoding answers for it.
-    assert "is not valid utf-8 text" in _data_error(lambda: load_data(DataConfig(corpus=str(corpus)), 256, 16))
-    cache = tmp_path / "euro.txt.plait-cache"
+    assert "is not valid utf-8 text" in _data_error(
+        lambda: load_data(DataConfig(corpus=str(corpus), cache_dir=str(cache)), 256, 16))
     assert len(list(cache.glob("text-*.json"))) == 2 and len(list(cache.glob("*.bin"))) == 2
 
 
@@ -282,28 +283,21 @@ def _mode(path: Path) -> int:
     return stat.S_IMODE(os.lstat(path).st_mode)
 
 
-def test_cache_folders_are_created_owner_only(tmp_path, monkeypatch):
+def test_cache_folders_are_created_owner_only_and_never_beside_the_input(tmp_path, monkeypatch):
     corpus = _latin1_corpus(tmp_path)
-    load_data(DataConfig(corpus=str(corpus), encoding="latin-1"), 256, 16)
-    beside = tmp_path / "french.txt.plait-cache"
-    assert _mode(beside) == 0o700 and list(beside.glob("*.bin"))
-    # A folder beside the corpus that belongs to someone else is not used: the root cache is.
-    monkeypatch.setattr(os, "getuid", lambda: os.stat(beside).st_uid + 1)
     root = tmp_path / "deep" / "cache"
     load_data(DataConfig(corpus=str(corpus), encoding="latin-1", cache_dir=str(root)), 256, 16)
     assert _mode(root) == 0o700 and list(root.glob("*.bin"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["deep", "french.txt"]  # nothing beside the input
+    monkeypatch.setenv("PLAIT_CACHE", str(tmp_path / "env-cache"))
+    load_data(DataConfig(corpus=str(corpus), encoding="latin-1"), 256, 16)
+    assert _mode(tmp_path / "env-cache") == 0o700 and list((tmp_path / "env-cache").glob("*.bin"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["deep", "env-cache", "french.txt"]
 
 
 def test_a_symlinked_cache_folder_is_refused_and_not_written_through(tmp_path, monkeypatch):
-    corpus = _latin1_corpus(tmp_path)
     target = tmp_path / "elsewhere"
     target.mkdir()
-    (tmp_path / "french.txt.plait-cache").symlink_to(target)
-    message = _data_error(lambda: load_data(DataConfig(corpus=str(corpus), encoding="latin-1"), 256, 16))
-    assert message == (
-        f"cache folder '{tmp_path / 'french.txt.plait-cache'}' is a symbolic link, which plait does not write "
-        "through; set data.cache_dir (or $PLAIT_CACHE) to a real folder"
-    )
     # The global cache: a link somebody else planted is refused (as root the test can make one) ...
     link = tmp_path / "cache-link"
     link.symlink_to(target)

@@ -2,7 +2,8 @@
 
 A spec is one of: `shakespeare` (shipped with the package), `python` (the running
 interpreter's standard library sources, read at run time), a text file, a folder of
-text files, or a `.bin` token file made by `plait prepare`. Built-in names win over a
+text files, a `.bin` token file made by `plait prepare INPUT -o OUT.bin`, or a prepared
+folder made by `plait prepare INPUT... -o DIR` (it holds a plait-corpus manifest.json). Built-in names win over a
 file of the same name in the working directory (write `./python` for the file).
 
 A user's text is decoded strictly in its `data.encoding` (UTF-8 unless told): never with
@@ -42,7 +43,7 @@ _SNIFF_CHARS = 1 << 20
 @dataclass(frozen=True)
 class Corpus:
     spec: str  # as the user wrote it, for messages and descriptions
-    kind: str  # "shakespeare" | "python" | "file" | "folder" | "bin"
+    kind: str  # "shakespeare" | "python" | "file" | "folder" | "bin" | "prepared"
     path: Path | None  # absolute path of the file, folder or stdlib root
     field: str  # the setting that named it, e.g. "data.corpus", for error messages
     encoding: str = "utf-8"  # of a text file or folder (data.encoding); built-in corpora know their own
@@ -68,10 +69,20 @@ def resolve_corpus(spec: str, field: str = "data.corpus", encoding: str = "utf-8
         return Corpus(spec, "python", Path(sysconfig.get_paths()["stdlib"]).resolve(), field)
     path = Path(spec).expanduser()
     if path.is_dir():
-        return Corpus(spec, "folder", path.resolve(), field, encoding)
+        return Corpus(spec, "prepared" if is_prepared_folder(path) else "folder", path.resolve(), field, encoding)
     if path.is_file():
         return Corpus(spec, "bin" if path.suffix == ".bin" else "file", path.resolve(), field, encoding)
     raise DataError(f"{field}: '{spec}' does not exist ({_EXPECTED})")
+
+
+def is_prepared_folder(path: Path) -> bool:
+    """Whether `path` is a folder written by `plait prepare -o DIR` (plait/data/prepared.py)."""
+    if (path / "train.idx").is_file() and (path / "manifest.json").is_file():
+        return True  # even with a damaged manifest: reading it then says what is wrong
+    try:
+        return json.loads((path / "manifest.json").read_bytes()).get("format") == "plait-corpus"
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def source_files(corpus: Corpus) -> list[Path]:

@@ -117,7 +117,14 @@ class CompressedGradients:
         self.compressor.load_state_dict(state["compressor"])
 
 
-LOCAL_STATE_FILE = "local_state.pt"
+LOCAL_STATE_FILE = "local_state.pt"  # every rank's state in one file (checkpoints before per-rank files)
+LOCAL_LAYOUT_FILE = "local_state.json"  # the layout whose ranks wrote local_state-rank*.pt
+
+
+def local_state_file(rank: int) -> str:
+    """Each rank's own file of per-worker state in a checkpoint: written and read by that rank
+    alone, so no rank ever holds another's (a whole model's worth each, for DiLoCo's anchor)."""
+    return f"local_state-rank{rank:05d}.pt"
 
 
 def restore_local_state(method: LocalSync | CompressedGradients, saved: dict[str, Any] | None, layout: str,

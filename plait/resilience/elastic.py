@@ -203,7 +203,7 @@ class ElasticSession(TrainingHooks):
             if leader:
                 prepare_snapshot_root(self.replicas.parent)
             write_sharded_checkpoint(self.replicas, trainer.state.step, trainer.parallel.state_pieces(),
-                                     files if leader else {}, trainer.comm, trainer.mesh.world)
+                                     files if leader else {}, trainer.comm, trainer.mesh.world, trainer.own_files())
             if leader:
                 ckpt.prune(self.replicas, KEEP)
             self.replica_step = trainer.state.step

@@ -43,14 +43,15 @@ def buddy_of(rank: int, world_size: int, local_world_size: int) -> int:
 
 
 def write_node_snapshot(root: Path, step: int, pieces: list[Piece], small_files: dict[str, Any], comm: Comm,
-                        world: Group, local_rank: int, local_world_size: int) -> Path:
-    """Every rank: its pieces into its node's folder and a copy into its buddy's (collective).
-    Returns this node's committed snapshot folder."""
+                        world: Group, local_rank: int, local_world_size: int,
+                        own_files: dict[str, Any] | None = None) -> Path:
+    """Every rank: its pieces (and `own_files`) into its node's folder and a copy into its
+    buddy's (collective). Returns this node's committed snapshot folder."""
     folder = root / COPY
     leader = local_rank == 0
     tmp = temp_folder(folder, step, leader, comm, world)  # one per node: each leader makes its own
     try:
-        per_rank = write_pieces(tmp, pieces, comm, world)
+        per_rank = write_pieces(tmp, pieces, comm, world, own_files)
         if world.size > local_world_size:
             _copy_to_buddy(tmp, per_rank, comm, world, local_world_size)
         # Rank 0's DCP metadata and the small files: every node commits the same checkpoint.

@@ -156,10 +156,11 @@ class Resilience(TrainingHooks):
         try:
             if self.multi_node:
                 path = write_node_snapshot(self.root, step, trainer.parallel.state_pieces(), mine, trainer.comm,
-                                           trainer.mesh.world, self.rt.local_rank, self.rt.local_world_size)
+                                           trainer.mesh.world, self.rt.local_rank, self.rt.local_world_size,
+                                           trainer.own_files())
             else:
                 path = write_sharded_checkpoint(self.root / "host", step, trainer.parallel.state_pieces(), mine,
-                                                trainer.comm, trainer.mesh.world)
+                                                trainer.comm, trainer.mesh.world, trainer.own_files())
             if leader:
                 ckpt.prune(self.root / "host", KEEP)
             self._written = {"step": step, "path": str(path), "seconds": round(time.perf_counter() - started, 4)}

@@ -149,6 +149,12 @@ def sharded_temp_dir(root: Path, step: int) -> Path:
     return root / f".tmp-{step_dir_name(step)}"
 
 
+def write_own_file(folder: Path, name: str, content: Any) -> dict[str, Any]:
+    """One rank's own file of a sharded checkpoint, written and fsynced; its manifest entry."""
+    _write_file(folder / name, content)
+    return file_entry(folder / name)
+
+
 def file_entry(path: Path) -> dict[str, Any]:
     return {"bytes": path.stat().st_size, "sha256": _sha256(path)}
 

@@ -235,8 +235,9 @@ def is_sharded(directory: Path) -> bool:
 
 
 def write_sharded_checkpoint(root: Path, step: int, pieces: list[Piece], small_files: dict[str, Any],
-                             comm: Comm, group: Group) -> Path:
-    """Every rank of `group` writes its pieces into the step's temporary folder; rank 0 then adds
+                             comm: Comm, group: Group, own_files: dict[str, Any] | None = None) -> Path:
+    """Every rank of `group` writes its pieces (and `own_files`, files of this rank alone, named
+    apart from every other rank's) into the step's temporary folder; rank 0 then adds
     `small_files`, the manifest (with every rank's files' sizes and checksums) last, and commits.
 
     A failure on any rank (a full disk) fails the write on every rank, as an OSError naming the
@@ -246,7 +247,7 @@ def write_sharded_checkpoint(root: Path, step: int, pieces: list[Piece], small_f
     tmp = temp_folder(root, step, is_main, comm, group)
     path = root / ckpt.step_dir_name(step)
     try:
-        entries = write_pieces(tmp, pieces, comm, group)
+        entries = write_pieces(tmp, pieces, comm, group, own_files)
         if is_main:
             path = ckpt.commit_sharded(root, step, merged_entries(entries), small_files)
     finally:
@@ -268,14 +269,18 @@ def temp_folder(root: Path, step: int, owner: bool, comm: Comm, group: Group) ->
     return tmp
 
 
-def write_pieces(tmp: Path, pieces: list[Piece], comm: Comm, group: Group) -> list[dict[str, dict[str, Any]]]:
-    """Every rank of `group` writes its pieces into `tmp` (collective); returns, per rank, the
-    entries (size, sha256) of the files it wrote. A failure on any rank raises on every rank."""
+def write_pieces(tmp: Path, pieces: list[Piece], comm: Comm, group: Group,
+                 own_files: dict[str, Any] | None = None) -> list[dict[str, dict[str, Any]]]:
+    """Every rank of `group` writes its pieces and its `own_files` into `tmp` (collective);
+    returns, per rank, the entries (size, sha256) of the files it wrote. A failure on any rank
+    raises on every rank."""
     ckpt.pause_for_tests()
     failure = None
     try:
         save_pieces(tmp, pieces, group.process_group if group.size > 1 else None)
         own = {f.name: ckpt.file_entry(f) for f in tmp.glob(f"__{group.rank}_*.distcp")}
+        for name, content in (own_files or {}).items():
+            own[name] = ckpt.write_own_file(tmp, name, content)
         ckpt.pause_for_tests()
     except (Exception, CheckpointException) as exc:  # noqa: BLE001 - every rank must reach the gather below
         failure, own = exc, {}

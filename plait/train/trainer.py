@@ -27,7 +27,7 @@ from plait import config as config_mod
 from plait import errors
 from plait.comm import BOOKKEEPING, CHECKPOINT, Comm
 from plait.config import Config, accumulation_steps
-from plait.data import GlobalSampler, PreparedData, ensure_prepared, eval_starts, get_batch, load_data
+from plait.data import PreparedData, ensure_prepared, eval_starts, get_batch, load_data, make_sampler
 from plait.lowcomm import training as lowcomm
 from plait.mesh import Mesh, ParallelDims
 from plait.model import build_model, count_parameters
@@ -88,7 +88,7 @@ class Trainer:
         # Kernels, compile scope and loss path (compute.py); the plan is reported at start.
         self.compute = plan_compute(cfg, runtime.device)
         self.loss_sum = MicroBatchLoss(self.model, self.compute, self.parallel.loss_sum)
-        self.sampler = GlobalSampler(len(self.data.train), cfg.model.seq_len, cfg.train.global_batch, cfg.train.seed)
+        self.sampler = make_sampler(self.data, cfg.model.seq_len, cfg.train.global_batch, cfg.train.seed)
         self.val_starts = eval_starts(len(self.data.val), cfg.model.seq_len, cfg.train.eval_batches * cfg.train.global_batch)
         self.flops_per_token = flops_per_token(cfg.model, self.n_params)
         self.peak = peak_flops(runtime.device)
@@ -117,9 +117,10 @@ class Trainer:
 
     # --- setup ----------------------------------------------------------------------------
     def _load_data(self) -> PreparedData:
-        # One process per node builds the caches (tokeniser training, token files); the rest wait.
-        if self.rt.local_rank == 0:
-            ensure_prepared(self.cfg.data, self.cfg.model.vocab_size)
+        # One process builds a missing cache (tokeniser training, token files) while the others
+        # wait on its file lock (data/dataset.py), not in a collective: no timeout runs out however
+        # long it takes. The barrier then only lines the ranks up.
+        ensure_prepared(self.cfg.data, self.cfg.model.vocab_size)
         self.comm.barrier(self.mesh.world)
         return load_data(self.cfg.data, self.cfg.model.vocab_size, self.cfg.model.seq_len)
 
@@ -179,7 +180,14 @@ class Trainer:
     def _read_checkpoint(self, path: Path) -> dict[str, Any]:
         """The files a resume from checkpoint `path` loads, with each rank's local state if any."""
         files = read_state(path)
-        if self.lowcomm is not None and (path / lowcomm.LOCAL_STATE_FILE).exists():
+        if self.lowcomm is None:
+            return files
+        if (path / lowcomm.LOCAL_LAYOUT_FILE).exists():  # each rank reads its own file alone
+            layout = ckpt.read_file(path, lowcomm.LOCAL_LAYOUT_FILE)["layout"]
+            mine = lowcomm.local_state_file(self.rt.rank)
+            files[lowcomm.LOCAL_STATE_FILE] = {
+                "layout": layout, "ranks": {self.rt.rank: ckpt.read_file(path, mine)} if (path / mine).exists() else {}}
+        elif (path / lowcomm.LOCAL_STATE_FILE).exists():  # every rank's state in one file (older checkpoints)
             files[lowcomm.LOCAL_STATE_FILE] = ckpt.read_file(path, lowcomm.LOCAL_STATE_FILE)
         return files
 
@@ -389,23 +397,20 @@ class Trainer:
         result.final_step = self.state.step
         return result
 
-    def state_files(self) -> dict:
-        """The files of a checkpoint or snapshot, on every rank (collective over the world):
-        the layout-free model and optimizer, the RNG states and, for local SGD or compression,
-        each rank's own state."""
-        files = self.small_files()
-        params, optim = self.parallel.full_state()
-        return {"model.pt": params, "optimizer.pt": optim, **files}
-
     def small_files(self) -> dict[str, Any]:
-        """A checkpoint's files besides the model and optimizer (collective: RNG states and
-        local-SGD state are gathered from every rank)."""
+        """A checkpoint's files besides the model and optimizer, written by rank 0 (collective:
+        the RNG states are gathered from every rank)."""
         rng_states = self.comm.all_gather_object(torch.get_rng_state(), self.mesh.world, tag=CHECKPOINT)
         files = small_files(self.state, self.cfg, rng_states, self.data.tokenizer.to_json(), self.mesh.describe())
         if self.lowcomm is not None:
-            local_states = self.comm.all_gather_object(self.lowcomm.state_dict(), self.mesh.world, tag=CHECKPOINT)
-            files[lowcomm.LOCAL_STATE_FILE] = {"layout": self.mesh.describe(), "ranks": local_states}
+            files[lowcomm.LOCAL_LAYOUT_FILE] = {"layout": self.mesh.describe(), "world_size": self.rt.world_size}
         return files
+
+    def own_files(self) -> dict[str, Any]:
+        """The files of a checkpoint this rank writes alone: its local-SGD or compression state."""
+        if self.lowcomm is None:
+            return {}
+        return {lowcomm.local_state_file(self.rt.rank): self.lowcomm.state_dict()}
 
     def save_checkpoint(self) -> None:
         """Every rank writes its own pieces of the model and optimizer (sharded.py); rank 0 adds
@@ -422,7 +427,7 @@ class Trainer:
             return
         started = time.perf_counter()
         path = write_sharded_checkpoint(root, self.state.step, self.parallel.state_pieces(), mine, self.comm,
-                                        self.mesh.world)
+                                        self.mesh.world, self.own_files())
         pruned = [p.name for p in ckpt.prune(root, self.cfg.checkpoint.keep)] if self.rt.is_main else []
         self._log_saved(Written(self.state.step, path, pruned, time.perf_counter() - started))
 
@@ -433,8 +438,8 @@ class Trainer:
         - a single process: plait's one-process runs are the small ones, whose writes take
           milliseconds, and they (and their tests) count on a checkpoint being committed when
           the step that saved it ends;
-        - local SGD and compressed gradients: their per-worker state (local_state.pt) is
-          gathered whole to rank 0 at the checkpoint, outside the pieces and their staging."""
+        - local SGD and compressed gradients: each rank's per-worker state (its own file) is
+          written from the live state, outside the pieces and their staging."""
         if not self.cfg.checkpoint.async_save or self.rt.world_size == 1 or self.lowcomm is not None:
             return None
         return AsyncCheckpointer.create(self.rt.world_size, self.rt.rank, self.cfg.parallel.timeout_s)
