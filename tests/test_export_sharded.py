@@ -41,8 +41,8 @@ from scenarios import BASE
 pytestmark = pytest.mark.timeout(300)
 
 STEP = 2
-LAYOUTS = {  # ZeRO-3 is not allowed with pp > 1 (config.validate): a case of its own
-    "tp2_pp2_zero1": ["parallel.tp=2", "parallel.pp=2", "parallel.zero=1"],
+LAYOUTS = {  # every form of sharding a checkpoint's pieces can come from: tp slices, pp stages, ZeRO ranges
+    "tp2_pp2_zero3": ["parallel.tp=2", "parallel.pp=2", "parallel.zero=3"],
     "dp4_zero3": ["parallel.zero=3"],
 }
 SHARD = "1MB"  # the tiny model's ~3.3 MB of fp32 weights: a few shards

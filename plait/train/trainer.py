@@ -53,6 +53,7 @@ from plait.train.resume import (
 from plait.train.rundir import write_marker, write_text_atomic
 from plait.train.runtime import Runtime, init_runtime, peak_memory_bytes
 from plait.train.sample import generate
+from plait.train.trained import load_trained
 from plait.train.sharded import load_pieces, stored_tensors, write_sharded_checkpoint
 from plait.trace import COLLECTIVE, TraceRecorder, trace_file_name
 
@@ -460,14 +461,15 @@ class Trainer:
                        seconds=round(written.seconds, 4), background=written.background)
 
     def sample(self, prompt: str, n_tokens: int) -> str | None:
-        """Text from a dense copy of the trained model on rank 0 (collective: all ranks call it)."""
-        params, _ = self.parallel.full_state(optimizer=False)
+        """Text from the checkpoint of the final step, on rank 0 alone, read tensor by tensor
+        into one dense model as `plait sample RUN_DIR` does: nothing is gathered over the job,
+        and no other rank holds more than its own pieces (all ranks call it)."""
+        self._checkpoint_written(wait=True)  # fit saved the final step; a background write is committed
         if not self.rt.is_main:
             return None
-        dense = build_model(self.cfg.model, self.cfg.train.seed, self.rt.device)
-        dense.load_state_dict(params, strict=False)
-        return generate(dense, self.data.tokenizer, prompt, n_tokens, self.cfg.model.seq_len,
-                        seed=self.cfg.train.seed, device=self.rt.device)
+        trained = load_trained(self.run_dir)
+        return generate(trained.model.to(self.rt.device), self.data.tokenizer, prompt, n_tokens,
+                        self.cfg.model.seq_len, seed=self.cfg.train.seed, device=self.rt.device)
 
     def finish(self, result: TrainResult) -> None:
         """After `fit`: the `finished` event, then the sample train.sample_tokens asks for, printed
