@@ -17,15 +17,26 @@ def rank_layouts(model: ModelSpec, cluster: Cluster, n_gpus: int, global_batch: 
                  pinned: Mapping[str, object] | None = None) -> tuple[list[Estimate], int, int]:
     """The `top` fastest layouts that fit (keeping the pinned fields), how many layouts were
     considered, and how many fit."""
+    fitting, _, considered = _evaluate_all(model, cluster, n_gpus, global_batch, assumptions, pinned)
+    return fitting[:top], considered, len(fitting)
+
+
+def _evaluate_all(model: ModelSpec, cluster: Cluster, n_gpus: int, global_batch: int, assumptions: Assumptions,
+                  pinned: Mapping[str, object] | None) -> tuple[list[Estimate], Estimate | None, int]:
+    """Every layout keeping the pinned fields: those that fit, fastest first; the one needing
+    the least memory among those that do not; how many were considered."""
     fitting: list[Estimate] = []
+    closest: Estimate | None = None
     considered = 0
     for layout in enumerate_layouts(model, n_gpus, global_batch, cluster.gpus_per_node, pinned):
         considered += 1
         estimate = evaluate(model, cluster, layout, global_batch, assumptions, need_time_if_unfit=False, validated=True)
         if estimate.fits:
             fitting.append(estimate)
+        elif closest is None or estimate.memory_bytes["total"] < closest.memory_bytes["total"]:
+            closest = estimate
     fitting.sort(key=_rank_key)
-    return fitting[:top], considered, len(fitting)
+    return fitting, closest, considered
 
 
 def _rank_key(e: Estimate) -> tuple[float, float]:
@@ -52,17 +63,7 @@ SEARCHED_FIELDS = ("tp", "pp", "dp", "cp", "ep", "zero", "micro_batch", "schedul
 def pinned_search(model: ModelSpec, cluster: Cluster, n_gpus: int, global_batch: int,
                   pinned: Mapping[str, object], assumptions: Assumptions = Assumptions()) -> PinnedResult:
     """Search every field not in `pinned`; the pinned ones are never changed."""
-    fitting: list[Estimate] = []
-    closest: Estimate | None = None
-    considered = 0
-    for layout in enumerate_layouts(model, n_gpus, global_batch, cluster.gpus_per_node, pinned):
-        considered += 1
-        estimate = evaluate(model, cluster, layout, global_batch, assumptions, need_time_if_unfit=False, validated=True)
-        if estimate.fits:
-            fitting.append(estimate)
-        elif closest is None or estimate.memory_bytes["total"] < closest.memory_bytes["total"]:
-            closest = estimate
-    fitting.sort(key=_rank_key)
+    fitting, closest, considered = _evaluate_all(model, cluster, n_gpus, global_batch, assumptions, pinned)
     searched = [k for k in SEARCHED_FIELDS if k not in pinned]
     if not fitting:
         if closest is not None:  # fill in its times so it can be explained
