@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import pickle
 import queue
 import tempfile
 import traceback
@@ -32,7 +33,9 @@ def _worker(rank: int, world_size: int, store_path: str, fn: Callable, args: tup
             store = dist.FileStore(store_path, world_size)
             dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size,
                                     timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
-        results.put((rank, "ok", fn(rank, world_size, *args)))
+        # Pickled here, by value: a tensor put on the queue as it is travels as a file descriptor
+        # that a rank which has already exited can no longer hand over.
+        results.put((rank, "ok", pickle.dumps(fn(rank, world_size, *args))))
     except BaseException:  # noqa: BLE001 - every failure must reach the parent, labelled
         text = "".join(f"[rank {rank}] {line}\n" for line in traceback.format_exc().splitlines())
         print(text, flush=True)
@@ -72,4 +75,4 @@ def run_on_ranks(world_size: int, fn: Callable, *args: Any, timeout_s: float = 6
     missing = sorted(set(range(world_size)) - set(collected))
     if errors or missing:
         raise AssertionError("\n".join(errors) + (f"\nranks {missing} returned nothing" if missing else ""))
-    return [collected[r][1] for r in range(world_size)]
+    return [pickle.loads(collected[r][1]) for r in range(world_size)]

@@ -19,7 +19,7 @@ from tests.scenarios import BASE, read_jsonl as read, train_cli
 pytestmark = pytest.mark.timeout(300)
 
 STEPS, CRASH_STEP, SNAPSHOT_EVERY = 20, 5, 3
-COMMON = [f"train.steps={STEPS}", "train.global_batch=24", "train.micro_batch=2", "parallel.timeout_s=5",
+COMMON = [f"train.steps={STEPS}", "train.global_batch=24", "train.micro_batch=2", "parallel.timeout_s=15",
           "resilience.heartbeat_s=0.1", f"resilience.snapshot_every={SNAPSHOT_EVERY}",
           "resilience.grow_wait_s=120"]  # hold the group for the replacement: it joins before step 20
 
@@ -51,7 +51,8 @@ def test_shrink_then_grow_matches_the_fault_free_run_at_every_step(reference, tm
     events = read(path / "events.jsonl")
     assert events[-1]["event"] == "finished"
     assert [e["event"] for e in events].count("start") == 1  # in place: the workers never restarted
-    (detected,) = [e for e in events if e["event"] == "fault_detected"]
+    # (a rank slowed by the load around it may be reported too: only the crash is asserted)
+    (detected,) = [e for e in events if e["event"] == "fault_detected" and e["kind"] != "slow"]
     assert (detected["kind"], detected["rank"], detected["action"]) == ("crash", 2, "elastic")
     (recovered,) = [e for e in events if e["event"] == "recovered"]
     assert (recovered["kind"], recovered["culprit"], recovered["source"]) == ("crash", 2, "memory")

@@ -15,13 +15,11 @@ keep the replica and decide to grow after each step), and trains until one of:
 - the run is finished.
 
 The replica: at every `resilience.snapshot_every` steps (and at each epoch's start) every rank
-writes its own pieces of the layout-free state into the job's folder in shared memory, as a
-sharded checkpoint that rank 0 commits (plait/train/sharded.py): no rank gathers the model,
-and the pieces of a worker that dies stay in the node's memory, since the folder outlives the
-processes (plait's launcher runs one node). After re-forming, every rank of the new group
-loads its part of the newest committed replica, resharded to the new world as any resume
-is: dp changes, the global batch and `train.micro_batch` stay, so gradient accumulation
-absorbs the difference and the trajectory is that of a fault-free run.
+keeps the full, layout-free state (`Trainer.state_files()`, ZeRO shards gathered) in host
+memory, so any one survivor can carry the job. After re-forming, the new rank 0 broadcasts its
+replica and every rank loads it into the Trainer built for the new world: dp changes, the
+global batch and `train.micro_batch` stay, so gradient accumulation absorbs the difference and
+the trajectory is that of a fault-free run.
 """
 
 from __future__ import annotations
@@ -45,12 +43,8 @@ from plait.config import Config
 from plait.errors import PlaitError
 from plait.resilience.heartbeat import STORE_ENV, connect_store
 from plait.resilience.session import Resilience
-from plait.resilience.snapshot import KEEP, job_id, prepare_snapshot_root, snapshot_root, snapshot_step
-from plait.train import checkpoint as ckpt
 from plait.train.hooks import TrainingHooks
-from plait.train.resume import read_state
 from plait.train.runtime import init_runtime
-from plait.train.sharded import write_sharded_checkpoint
 from plait.train.trainer import Trainer
 
 ID_ENV = "PLAIT_ELASTIC_ID"  # this worker's id (stable across epochs), set by the launcher
@@ -111,9 +105,7 @@ class ElasticSession(TrainingHooks):
         config_mod.validate(initial, int(os.environ[NPROC_ENV]))
         self.base = copy.deepcopy(cfg)
         self.base.train.micro_batch = initial.train.micro_batch
-        # The replicas: sharded checkpoints in the job's shared-memory folder (the launcher's).
-        self.replicas = snapshot_root(run_dir, job_id()) / "elastic"
-        self.replica_step: int | None = None  # the newest replica this worker helped write
+        self.replica: tuple[int, dict] | None = None  # (step, state files) in host memory
         self.seen_joiners = 0  # rank 0: registrations already acted on
         # Joiners are let in a whole data-parallel replica at a time.
         self.replica_size = replica_size(cfg)
@@ -194,36 +186,17 @@ class ElasticSession(TrainingHooks):
         return count
 
     def keep_replica(self, trainer: Trainer) -> None:
-        """Every rank writes its pieces of the state into the next replica (collective); rank 0
-        commits it and keeps the newest KEEP."""
-        trainer.hooks.phase("snapshot")  # longer than a step
-        try:
-            files = trainer.small_files()  # collective
-            leader = trainer.rt.is_main
-            if leader:
-                prepare_snapshot_root(self.replicas.parent)
-            write_sharded_checkpoint(self.replicas, trainer.state.step, trainer.parallel.state_pieces(),
-                                     files if leader else {}, trainer.comm, trainer.mesh.world, trainer.own_files())
-            if leader:
-                ckpt.prune(self.replicas, KEEP)
-            self.replica_step = trainer.state.step
-        finally:
-            trainer.hooks.phase("step")
+        trainer.hooks.phase("snapshot")  # a gather of the whole state: longer than a step
+        self.replica = (trainer.state.step, trainer.state_files())
+        trainer.hooks.phase("step")
 
     # --- state ------------------------------------------------------------------------------
     def load_replica(self, trainer: Trainer) -> int:
-        """The newest committed replica (rank 0 chooses), each rank loading its own part of it
-        for the new layout; returns its step."""
-        chosen = None
-        if trainer.rt.is_main:
-            newest, _ = ckpt.newest_valid(self.replicas)  # a torn replica (a death mid-write) is passed over
-            chosen = str(newest) if newest is not None else None
-        chosen = trainer.comm.broadcast_object(chosen, 0, trainer.mesh.world, tag=CHECKPOINT)
-        if chosen is None:
-            raise RuntimeError(f"no committed replica in {self.replicas} to re-form from")
-        path = Path(chosen)
-        trainer.restore(read_state(path), f"the replica of step {snapshot_step(path)}")
-        return trainer.state.step
+        """Rank 0's replica to every rank of the new group, loaded as a checkpoint would be; returns its step."""
+        step, files = trainer.comm.broadcast_object(self.replica if trainer.rt.is_main else None, 0,
+                                                    trainer.mesh.world, tag=CHECKPOINT)
+        trainer.restore(files, f"the replica of step {step}")
+        return step
 
 
 def elastic_train(cfg: Config, run_dir: Path) -> None:
@@ -280,7 +253,7 @@ def elastic_train(cfg: Config, run_dir: Path) -> None:
         gc.collect()
         if change["reason"] == "fault":
             found = newest_epoch_with(session.store, session.wid, epoch, session.timeout_s + 30)
-            if found is None or session.replica_step is None:
+            if found is None or session.replica is None:
                 raise RuntimeError(f"rank {rank} of epoch {epoch}: the group broke ({broken}) "
                                    "and no new membership includes this worker")
             print(f"plait: rank {rank} left the broken group of epoch {epoch} ({broken})",

@@ -398,6 +398,13 @@ class Trainer:
         result.final_step = self.state.step
         return result
 
+    def state_files(self) -> dict:
+        """The whole layout-free state on every rank (collective over the world): the model and
+        optimizer gathered, and the small files. Elastic mode's in-memory replica only."""
+        files = self.small_files()
+        params, optim = self.parallel.full_state()
+        return {"model.pt": params, "optimizer.pt": optim, **files}
+
     def small_files(self) -> dict[str, Any]:
         """A checkpoint's files besides the model and optimizer, written by rank 0 (collective:
         the RNG states are gathered from every rank)."""
