@@ -82,12 +82,17 @@ def test_any_layout_loads_what_another_saved_exactly(tmp_path, case):
     checkpoint = str(tmp_path / "checkpoint")
     saved = run_on_ranks(world_a, save_layout, layout_a, str(tmp_path / "a"), checkpoint)
     loaded = run_on_ranks(world_b, load_layout, layout_b, str(tmp_path / "b"), checkpoint)[0]
+    check_loaded_exactly_and_written_once(saved, loaded)
+
+
+def check_loaded_exactly_and_written_once(saved: list[dict], loaded: dict) -> None:
+    """The loaded state equals the saved one bit for bit, and every element was written once:
+    the ranks' pieces add up to the state, no replica twice. (The gathered state repeats the
+    optimizer's step per parameter; a checkpoint holds it once.)"""
     reference = saved[0]["full"]
     assert set(loaded) == set(reference)
     for key, value in reference.items():
         assert (loaded[key] == value).all(), key
-    # Every element is written once: the ranks' pieces add up to the state, no replica twice.
-    # (The gathered state repeats the optimizer's step per parameter; a checkpoint holds it once.)
     steps = [v for k, v in reference.items() if k.endswith("/step")]
     state_bytes = sum(v.nbytes for k, v in reference.items() if not k.endswith("/step")) + steps[0].nbytes
     assert sum(r["written"] for r in saved) == state_bytes
